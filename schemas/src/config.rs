@@ -1,0 +1,66 @@
+//! Loads `hooklog.toml` with `HOOKLOG_*` environment overrides.
+//!
+//! Layering: serde defaults, then the file, then env. An env var maps to a key
+//! by dropping the prefix and splitting on `__`: `HOOKLOG_KAFKA__BROKERS`
+//! sets `kafka.brokers`, `HOOKLOG_SERVER__LISTEN` sets `server.listen`. Only
+//! variables whose first segment names a table (`server`, `kafka`,
+//! `processor`, `redis`) are read, so unrelated `HOOKLOG_*` variables such as
+//! `HOOKLOG_CONFIG` or `HOOKLOG_LOG` are not mistaken for config keys.
+
+use std::path::Path;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+
+/// Tables that `HOOKLOG_<TABLE>__<KEY>` variables may override.
+pub const ENV_TABLES: &[&str] = &["server", "kafka", "processor", "redis"];
+
+/// Why the configuration could not be loaded. The message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Loads and deserializes the config file at `path` plus env overrides.
+pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    if !path.exists() {
+        return Err(ConfigError(format!(
+            "config file {} does not exist",
+            path.display()
+        )));
+    }
+    Figment::new()
+        .merge(Toml::file(path))
+        .merge(env_overrides())
+        .extract()
+        .map_err(|e| ConfigError(describe(e)))
+}
+
+/// Deserializes from TOML text (tests, `--check-config` of inline configs).
+pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    Figment::new()
+        .merge(Toml::string(text))
+        .extract()
+        .map_err(|e| ConfigError(describe(e)))
+}
+
+fn env_overrides() -> Env {
+    Env::prefixed("HOOKLOG_").split("__").filter(|key| {
+        let first = key.as_str().split('.').next().unwrap_or_default();
+        ENV_TABLES.iter().any(|t| first.eq_ignore_ascii_case(t))
+    })
+}
+
+fn describe(err: figment::Error) -> String {
+    err.into_iter()
+        .map(|e| {
+            let path = e.path.join(".");
+            if path.is_empty() {
+                e.kind.to_string()
+            } else {
+                format!("{path}: {}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
