@@ -1,1 +1,71 @@
-fn main() {}
+//! `hooklog-ingest` entry point: args, config, logging, signals, then [`hooklog_ingest::run`].
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use hooklog_ingest::config::Config;
+use tokio_util::sync::CancellationToken;
+
+/// Receives webhooks, verifies their signatures and stores them in Kafka.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Path of hooklog.toml.
+    #[arg(long, env = "HOOKLOG_CONFIG", default_value = "hooklog.toml")]
+    config: PathBuf,
+    /// Validate the configuration (including secret references) and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Log format: json (default when stdout is not a terminal) or pretty.
+    #[arg(long, env = "HOOKLOG_LOG_FORMAT")]
+    log_format: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format.as_deref());
+    let config = Config::load(&args.config)?;
+    if args.check_config {
+        hooklog_ingest::build_state(&config, hooklog_ingest::http::system_clock())?;
+        println!("configuration OK: {} source(s)", config.sources.len());
+        return Ok(());
+    }
+    let listener = tokio::net::TcpListener::bind(&config.server.listen)
+        .await
+        .with_context(|| format!("binding {}", config.server.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    hooklog_ingest::run(config, listener, shutdown).await
+}
+
+async fn wait_for_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    token.cancel();
+}
+
+fn init_logging(format: Option<&str>) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOOKLOG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let pretty = match format {
+        Some(f) => f == "pretty",
+        None => std::io::stdout().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if pretty {
+        builder.init();
+    } else {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
+    }
+}
