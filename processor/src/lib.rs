@@ -1,1 +1,162 @@
+//! `hooklog-processor`: consumes the raw webhook topics, applies events to
+//! agent state projections in Redis exactly once per version, serves them
+//! over HTTP, publishes every change to compacted changelog topics, and
+//! rebuilds projections by replaying the log.
+//!
+//! Layout:
+//! - [`config`]: `hooklog.toml` as the processor sees it;
+//! - [`projection`]: definitions (`spec`) and the Redis store + Lua apply (`store`);
+//! - [`batch`]: raw records → updates and dead letters (pure);
+//! - [`consume`]: the live consumer-group loop;
+//! - [`changelog`]: changelog and DLQ producer;
+//! - [`api`]: read API, health, metrics, rebuild endpoint;
+//! - [`rebuild`]: replay into a new version, switch or verify;
+//! - [`topics`]: topic creation through the admin API;
+//! - [`metrics`]: Prometheus metrics.
 
+pub mod api;
+pub mod batch;
+pub mod changelog;
+pub mod config;
+pub mod consume;
+pub mod metrics;
+pub mod projection;
+pub mod rebuild;
+pub mod topics;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::consume::{Health, Pipeline};
+use crate::metrics::Metrics;
+use crate::projection::store::Store;
+
+/// Connects to Redis, retrying until it answers or `shutdown`.
+pub async fn connect_store(config: &Config, shutdown: &CancellationToken) -> Option<Store> {
+    loop {
+        match Store::connect(
+            &config.redis.url,
+            &config.redis.key_prefix,
+            config.processor.dedup_window_secs,
+        )
+        .await
+        {
+            Ok(s) => return Some(s),
+            Err(e) => {
+                warn!(error = %e, "Redis unreachable; retrying.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Runs the live processor and its HTTP server until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let Some(store) = connect_store(&config, &shutdown).await else {
+        return Ok(());
+    };
+    let publisher = changelog::Publisher::new(&config.kafka)?;
+    let consumer = Arc::new(consume::consumer(&config)?);
+
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let start_rebuild = {
+        let (config, store, metrics, running) = (
+            config.clone(),
+            store.clone(),
+            metrics.clone(),
+            running.clone(),
+        );
+        Box::new(move |name: String| {
+            if !running.lock().expect("lock").insert(name.clone()) {
+                return false;
+            }
+            let (config, store, metrics, running) = (
+                config.clone(),
+                store.clone(),
+                metrics.clone(),
+                running.clone(),
+            );
+            tokio::spawn(async move {
+                let spec = config
+                    .projection(&name)
+                    .expect("checked by the handler")
+                    .clone();
+                match rebuild::run(
+                    &config,
+                    &store,
+                    &spec,
+                    rebuild::Mode::Switch,
+                    &metrics,
+                    false,
+                )
+                .await
+                {
+                    Ok(r) => {
+                        info!(projection = %name, version = r.version, records = r.records, "Rebuild finished.");
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        if let Err(e) = rebuild::delete_version(&store, &name, r.previous).await {
+                            warn!(error = %e, "Old version not deleted.");
+                        }
+                    }
+                    Err(e) => error!(projection = %name, error = %e, "Rebuild failed."),
+                }
+                running.lock().expect("lock").remove(&name);
+            });
+            true
+        })
+    };
+    let api_state = Arc::new(api::ApiState {
+        projections: config.projections.iter().map(|p| p.name.clone()).collect(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        start_rebuild,
+    });
+    let stop = shutdown.clone();
+    let server = axum::serve(listener, api::app(api_state))
+        .with_graceful_shutdown(async move { stop.cancelled().await });
+    let server = tokio::spawn(async move { server.await });
+
+    let lag_task = {
+        let (consumer, metrics, stop) = (consumer.clone(), metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let (c, m) = (consumer.clone(), metrics.clone());
+                let _ = tokio::task::spawn_blocking(move || consume::report_lag(&c, &m)).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        })
+    };
+
+    let pipeline = Pipeline {
+        projections: config.projections.clone(),
+        store,
+        publisher: publisher.clone(),
+        metrics,
+        health,
+        batch_size: config.processor.batch_size,
+        batch_wait: Duration::from_millis(config.processor.batch_wait_ms),
+    };
+    pipeline.run(consumer, shutdown.clone()).await?;
+    lag_task.abort();
+    let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    info!("Processor stopped.");
+    Ok(())
+}

@@ -1,1 +1,201 @@
-fn main() {}
+//! `hooklog-processor` entry point: args, config, logging, signals, then the
+//! chosen command of [`hooklog_processor`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hooklog_processor::config::Config;
+use hooklog_processor::{metrics::Metrics, rebuild, topics};
+use tokio_util::sync::CancellationToken;
+
+/// Keeps agent state projections from the raw webhook log.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Path of hooklog.toml.
+    #[arg(
+        long,
+        env = "HOOKLOG_CONFIG",
+        default_value = "hooklog.toml",
+        global = true
+    )]
+    config: PathBuf,
+    /// Log format: json (default when stdout is not a terminal) or pretty.
+    #[arg(long, env = "HOOKLOG_LOG_FORMAT", global = true)]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume and serve (the default).
+    Run,
+    /// Validate the configuration and exit.
+    CheckConfig,
+    /// Create every topic the config implies and wait until they are visible.
+    CreateTopics {
+        /// Partitions per topic (default: processor.partitions).
+        #[arg(long)]
+        partitions: Option<i32>,
+    },
+    /// Replay the raw topics into a new version and switch readers to it.
+    Rebuild {
+        /// Projection name.
+        #[arg(long)]
+        projection: String,
+        /// Seconds to keep the old version for in-flight readers before deleting it.
+        #[arg(long, default_value_t = 30)]
+        grace_secs: u64,
+    },
+    /// Rebuild into a scratch version and compare it with the live one;
+    /// exits 1 on any difference.
+    Verify {
+        /// Projection name.
+        #[arg(long)]
+        projection: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format.as_deref());
+    let config = Config::load(&args.config)?;
+    match args.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let listener = tokio::net::TcpListener::bind(&config.processor.listen)
+                .await
+                .with_context(|| format!("binding {}", config.processor.listen))?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(wait_for_signal(shutdown.clone()));
+            hooklog_processor::run(config, listener, shutdown).await
+        }
+        Command::CheckConfig => {
+            println!(
+                "configuration OK: {} projection(s), topics {:?}",
+                config.projections.len(),
+                config.raw_topics()
+            );
+            Ok(())
+        }
+        Command::CreateTopics { partitions } => {
+            let n = partitions.unwrap_or(config.processor.partitions);
+            let names = topics::create(&config, n, Duration::from_secs(30)).await?;
+            println!("topics ready: {}", names.join(", "));
+            Ok(())
+        }
+        Command::Rebuild {
+            projection,
+            grace_secs,
+        } => {
+            let (store, spec) = prepare(&config, &projection).await?;
+            let metrics = Arc::new(Metrics::default());
+            let r = rebuild::run(
+                &config,
+                &store,
+                &spec,
+                rebuild::Mode::Switch,
+                &metrics,
+                true,
+            )
+            .await?;
+            println!(
+                "rebuilt {projection}: version {} is current (was {}), {} records replayed",
+                r.version, r.previous, r.records
+            );
+            if grace_secs > 0 {
+                eprintln!(
+                    "keeping version {} for {grace_secs}s for in-flight readers",
+                    r.previous
+                );
+                tokio::time::sleep(Duration::from_secs(grace_secs)).await;
+            }
+            let n = rebuild::delete_version(&store, &projection, r.previous).await?;
+            println!("deleted version {} ({n} keys)", r.previous);
+            Ok(())
+        }
+        Command::Verify { projection } => {
+            let (store, spec) = prepare(&config, &projection).await?;
+            let metrics = Arc::new(Metrics::default());
+            let r = rebuild::run(
+                &config,
+                &store,
+                &spec,
+                rebuild::Mode::Verify,
+                &metrics,
+                true,
+            )
+            .await?;
+            for (key, diff) in &r.differences {
+                println!("DIFF {projection}/{key}: {diff}");
+            }
+            println!(
+                "verified {projection}: {} entities compared, {} differences ({} records replayed)",
+                r.compared,
+                r.differences.len(),
+                r.records
+            );
+            if !r.differences.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn prepare(
+    config: &Config,
+    projection: &str,
+) -> anyhow::Result<(
+    hooklog_processor::projection::store::Store,
+    hooklog_processor::projection::spec::ProjectionSpec,
+)> {
+    let spec = config
+        .projection(projection)
+        .with_context(|| format!("unknown projection {projection:?}"))?
+        .clone();
+    let store = hooklog_processor::projection::store::Store::connect(
+        &config.redis.url,
+        &config.redis.key_prefix,
+        config.processor.dedup_window_secs,
+    )
+    .await
+    .context("connecting to Redis")?;
+    Ok((store, spec))
+}
+
+async fn wait_for_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    token.cancel();
+}
+
+fn init_logging(format: Option<&str>) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOOKLOG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let pretty = match format {
+        Some(f) => f == "pretty",
+        None => std::io::stdout().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if pretty {
+        builder.init();
+    } else {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
+    }
+}

@@ -1,0 +1,144 @@
+//! The processor's HTTP server: the read API, health, metrics and the
+//! rebuild admin endpoint.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::consume::Health;
+use crate::metrics::Metrics;
+use crate::projection::store::Store;
+
+/// Shared state of the HTTP handlers.
+pub struct ApiState {
+    /// Projection names, in config order.
+    pub projections: Vec<String>,
+    /// Redis.
+    pub store: Store,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Health flags.
+    pub health: Arc<Health>,
+    /// Starts a rebuild in the background (admin endpoint).
+    pub start_rebuild: Box<dyn Fn(String) -> bool + Send + Sync>,
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({"error": code, "message": message}))).into_response()
+}
+
+/// Builds the router.
+pub fn app(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/projections", get(list))
+        .route("/v1/projections/{projection}/{key}", get(read))
+        .route("/v1/projections/{projection}/rebuild", post(rebuild))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed",
+            )
+        })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "not found") })
+        .with_state(state)
+}
+
+async fn list(State(s): State<Arc<ApiState>>) -> Response {
+    let mut out = Vec::new();
+    for name in &s.projections {
+        let (current, building) = match (
+            s.store.current_version(name).await,
+            s.store.building_version(name).await,
+        ) {
+            (Ok(c), Ok(b)) => (c, b),
+            _ => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "redis_unavailable",
+                    "redis is unavailable",
+                )
+            }
+        };
+        out.push(json!({"name": name, "version": current, "building_version": building}));
+    }
+    Json(json!({"projections": out})).into_response()
+}
+
+async fn read(
+    State(s): State<Arc<ApiState>>,
+    Path((projection, key)): Path<(String, String)>,
+) -> Response {
+    if !s.projections.contains(&projection) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_projection",
+            "no such projection",
+        );
+    }
+    match s.store.read(&projection, &key, None).await {
+        Ok(Some(state)) => Json(state).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_key",
+            "no state for this key",
+        ),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis_unavailable",
+            "redis is unavailable",
+        ),
+    }
+}
+
+async fn rebuild(State(s): State<Arc<ApiState>>, Path(projection): Path<String>) -> Response {
+    if !s.projections.contains(&projection) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_projection",
+            "no such projection",
+        );
+    }
+    if (s.start_rebuild)(projection.clone()) {
+        (
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "started", "projection": projection})),
+        )
+            .into_response()
+    } else {
+        error(
+            StatusCode::CONFLICT,
+            "rebuild_running",
+            "a rebuild of this projection is already running here",
+        )
+    }
+}
+
+async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
+    let redis_ok = s.store.ping().await.is_ok();
+    let paused = s.health.paused.load(Ordering::Relaxed);
+    let running = s.health.running.load(Ordering::Relaxed);
+    let body = json!({"redis": redis_ok, "consumer_running": running, "paused": paused});
+    if redis_ok && running && !paused {
+        Json(body).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}

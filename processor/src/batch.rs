@@ -1,0 +1,113 @@
+//! Turns a batch of raw records into projection updates and dead letters.
+//! Pure: shared by the live consumer and the rebuild.
+
+use hooklog_schemas::WebhookEvent;
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use serde_json::Value;
+
+use crate::projection::spec::{ProjectionSpec, Update};
+
+/// An owned raw record.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Value bytes.
+    pub payload: Option<Vec<u8>>,
+    /// Record headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl From<OwnedMessage> for Record {
+    fn from(m: OwnedMessage) -> Self {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+}
+
+impl Record {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// What a batch asks of Redis, and what cannot be processed.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Updates with their event ids and the index of their record.
+    pub updates: Vec<(Update, String, usize)>,
+    /// Poison records (index, bounded reason label, detail).
+    pub poison: Vec<(usize, &'static str, String)>,
+    /// Events no rule matched.
+    pub unmatched: usize,
+}
+
+/// Plans a batch against the projections (all of them, or one for a rebuild).
+pub fn plan<'a>(
+    projections: impl Iterator<Item = &'a ProjectionSpec> + Clone,
+    records: &[Record],
+) -> Plan {
+    let mut plan = Plan::default();
+    for (i, r) in records.iter().enumerate() {
+        let event = match r.payload.as_deref().map(WebhookEvent::decode) {
+            Some(Ok(e)) => e,
+            Some(Err(e)) => {
+                plan.poison.push((i, "undecodable", e.to_string()));
+                continue;
+            }
+            None => {
+                plan.poison
+                    .push((i, "undecodable", "record has no value".into()));
+                continue;
+            }
+        };
+        let doc: Option<Value> = serde_json::from_slice(&event.body).ok();
+        let mut matched = false;
+        let mut failure = None;
+        let mut updates = Vec::new();
+        for spec in projections.clone() {
+            for rule in spec.matching(&event) {
+                matched = true;
+                match spec.map(rule, &event, doc.as_ref()) {
+                    Ok(u) => updates.push(u),
+                    Err(e) => failure = Some(format!("projection {}: {e}", spec.name)),
+                }
+            }
+        }
+        // A record is dead-lettered whole: applying part of it and parking
+        // the rest would make a later replay disagree with live state.
+        if let Some(detail) = failure {
+            plan.poison.push((i, "unmappable", detail));
+        } else if !matched {
+            plan.unmatched += 1;
+        } else {
+            plan.updates
+                .extend(updates.into_iter().map(|u| (u, event.event_id.clone(), i)));
+        }
+    }
+    plan
+}

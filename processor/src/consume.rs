@@ -1,0 +1,241 @@
+//! The live consume loop: batch, apply to Redis, publish changelog and dead
+//! letters, and only then store the batch's offsets (committed in the
+//! background by librdkafka). Transient failures pause and retry the whole
+//! batch (the apply is idempotent); nothing is skipped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hooklog_schemas::headers;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::batch::{plan, Record};
+use crate::changelog::Publisher;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::projection::spec::ProjectionSpec;
+use crate::projection::store::{Store, Target};
+
+/// Shared health flags for `/readyz`.
+#[derive(Default)]
+pub struct Health {
+    /// True while a dependency is down and the loop is retrying.
+    pub paused: AtomicBool,
+    /// True once the consumer is running.
+    pub running: AtomicBool,
+}
+
+/// Creates the live group consumer.
+pub fn consumer(config: &Config) -> Result<StreamConsumer, KafkaError> {
+    let kafka = &config.kafka;
+    let mut cfg = kafka.base();
+    cfg.set("group.id", &config.processor.group_id);
+    // Offsets are stored only after a batch is fully applied, then committed
+    // in the background: at-least-once, without a sync commit per record.
+    cfg.set("enable.auto.commit", "true");
+    cfg.set("enable.auto.offset.store", "false");
+    cfg.set("auto.commit.interval.ms", "1000");
+    // A new group starts from the beginning of the log: nothing is missed.
+    cfg.set("auto.offset.reset", "earliest");
+    // Brokers such as Tansu hold a fetch for the full wait: keep it short.
+    cfg.set("fetch.wait.max.ms", "50");
+    cfg.set("session.timeout.ms", "10000");
+    cfg.set("heartbeat.interval.ms", "1000");
+    let consumer: StreamConsumer = kafka.finish(cfg).create()?;
+    let topics = config.raw_topics();
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&refs)?;
+    Ok(consumer)
+}
+
+/// Everything the loop needs.
+pub struct Pipeline {
+    /// Projection definitions.
+    pub projections: Vec<ProjectionSpec>,
+    /// Redis.
+    pub store: Store,
+    /// Changelog / DLQ producer.
+    pub publisher: Publisher,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Health flags.
+    pub health: Arc<Health>,
+    /// Records per batch.
+    pub batch_size: usize,
+    /// Max wait to fill a batch.
+    pub batch_wait: Duration,
+}
+
+/// Test-only fault hook: `HOOKLOG_FAULT=crash_before_changelog` makes the
+/// process exit right after its first Redis apply, before the changelog is
+/// written, to prove redelivery re-emits the state.
+fn crash_before_changelog() -> bool {
+    std::env::var("HOOKLOG_FAULT").is_ok_and(|v| v == "crash_before_changelog")
+}
+
+impl Pipeline {
+    /// Runs until `shutdown`: finishes the batch in flight, commits, returns.
+    pub async fn run(
+        &self,
+        consumer: Arc<StreamConsumer>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        self.health.running.store(true, Ordering::Relaxed);
+        info!(projections = self.projections.len(), "Processor consuming.");
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = consumer.recv() => m,
+            };
+            let first = match first {
+                Ok(m) => m.detach(),
+                Err(e) => {
+                    warn!(error = %e, "Consumer error.");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut batch: Vec<Record> = vec![first.into()];
+            let deadline = tokio::time::Instant::now() + self.batch_wait;
+            while batch.len() < self.batch_size {
+                match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                    Ok(Ok(m)) => batch.push(m.detach().into()),
+                    Ok(Err(e)) => warn!(error = %e, "Consumer error."),
+                    Err(_) => break,
+                }
+            }
+            self.metrics.consumed(batch.len() as u64);
+            if !self.process(&batch, &shutdown).await {
+                break; // shutdown while retrying: leave offsets unstored
+            }
+            let mut last: HashMap<(&str, i32), i64> = HashMap::new();
+            for r in &batch {
+                let e = last
+                    .entry((r.topic.as_str(), r.partition))
+                    .or_insert(r.offset);
+                *e = (*e).max(r.offset);
+            }
+            for ((topic, partition), offset) in last {
+                // Fails only if the partition was revoked meanwhile; its new
+                // owner re-reads the batch and the apply is idempotent.
+                if let Err(e) = consumer.store_offset(topic, partition, offset) {
+                    debug!(topic, partition, error = %e, "Offset not stored.");
+                }
+            }
+        }
+        info!("Processor stopping: committing offsets.");
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored yet is also reported as an error.
+            debug!(error = %e, "Final commit.");
+        }
+        consumer.unsubscribe();
+        Ok(())
+    }
+
+    /// Processes one batch until it succeeds; false if shutdown came first.
+    async fn process(&self, batch: &[Record], shutdown: &CancellationToken) -> bool {
+        let started = Instant::now();
+        let plan = plan(self.projections.iter(), batch);
+        for _ in 0..plan.unmatched {
+            self.metrics.unmatched();
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.try_process(batch, &plan).await {
+                Ok(()) => break,
+                Err((dependency, e)) => {
+                    self.metrics.retry(dependency);
+                    self.metrics.set_paused(true);
+                    self.health.paused.store(true, Ordering::Relaxed);
+                    warn!(dependency, error = %e, backoff_ms = backoff.as_millis() as u64, "Transient failure; retrying batch.");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        if self.health.paused.swap(false, Ordering::Relaxed) {
+            info!("Dependencies back; resumed.");
+            self.metrics.set_paused(false);
+        }
+        self.metrics.batch(started.elapsed().as_secs_f64());
+        true
+    }
+
+    async fn try_process(
+        &self,
+        batch: &[Record],
+        plan: &crate::batch::Plan,
+    ) -> Result<(), (&'static str, String)> {
+        let refs: Vec<_> = plan
+            .updates
+            .iter()
+            .map(|(u, id, _)| (u, id.as_str()))
+            .collect();
+        let results = self
+            .store
+            .apply_batch(&refs, Target::Live)
+            .await
+            .map_err(|e| ("redis", e.to_string()))?;
+        if !results.is_empty() && crash_before_changelog() {
+            warn!("Fault hook: exiting between apply and changelog.");
+            std::process::exit(86);
+        }
+        let mut states = Vec::with_capacity(results.len());
+        for (res, (_, _, idx)) in results.into_iter().zip(&plan.updates) {
+            self.metrics.applied(&res.state.projection, res.applied);
+            // Duplicates re-emit the current state too: if a previous run
+            // died between apply and changelog, this is the delivery.
+            states.push((
+                res.state,
+                batch[*idx].header(headers::TRACEPARENT).map(<[u8]>::to_vec),
+            ));
+        }
+        self.publisher
+            .states(&states)
+            .await
+            .map_err(|e| ("kafka", e.to_string()))?;
+        if !plan.poison.is_empty() {
+            let dead: Vec<_> = plan
+                .poison
+                .iter()
+                .map(|(i, _, detail)| (&batch[*i], detail.as_str()))
+                .collect();
+            self.publisher
+                .dead_letters(&dead)
+                .await
+                .map_err(|e| ("kafka", e.to_string()))?;
+            for (i, reason, detail) in &plan.poison {
+                let r = &batch[*i];
+                warn!(topic = %r.topic, partition = r.partition, offset = r.offset, reason, detail, "Record dead-lettered.");
+            }
+        }
+        // Count DLQ metrics once, after success.
+        for (_, reason, _) in &plan.poison {
+            self.metrics.dead_lettered(reason);
+        }
+        Ok(())
+    }
+}
+
+/// Updates the lag gauges (blocking: asks the broker for watermarks).
+pub fn report_lag(consumer: &StreamConsumer, metrics: &Metrics) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    for el in positions.elements() {
+        if let Ok((_, high)) =
+            consumer.fetch_watermarks(el.topic(), el.partition(), Duration::from_secs(2))
+        {
+            let pos = el.offset().to_raw().unwrap_or(0).max(0);
+            metrics.lag(el.topic(), el.partition(), (high - pos).max(0));
+        }
+    }
+}

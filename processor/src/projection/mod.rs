@@ -1,0 +1,14 @@
+//! Projections: agent state as a pure function of the raw event log.
+//!
+//! - [`spec`]: the `[[projection]]` config and the mapping from an event to
+//!   an [`spec::Update`] (pure, unit-tested);
+//! - [`store`]: the Redis side: versions, the atomic apply script, reads.
+//!
+//! Every update is order-insensitive: fields are last-writer-wins by
+//! `(event time, event id)`, a status only moves forward by precedence, and
+//! `sum`/`count` aggregates are commutative. Together with the per-version
+//! idempotency marker set in the same Lua call, the same set of events in any
+//! order, with any duplicates, gives the same state.
+
+pub mod spec;
+pub mod store;

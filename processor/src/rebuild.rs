@@ -1,0 +1,372 @@
+//! Rebuild and verify: replay the raw topics from the earliest offset into a
+//! new projection version, then switch readers atomically (rebuild) or
+//! compare entity by entity with the live version (verify).
+//!
+//! Hand-over (docs/rebuild.md has the diagram):
+//! 1. allocate version N and set `building = N`; from this moment every live
+//!    apply (inside the same Lua call that reads the pointer) also writes N;
+//! 2. take the high watermarks H of every raw partition;
+//! 3. replay [earliest, H) into N only; events the live processors already
+//!    dual-wrote are skipped by N's idempotency markers;
+//! 4. rebuild: `MULTI SET current N; DEL building; EXEC`, then delete the old
+//!    version after a grace period with SCAN + UNLINK. Verify: compare, then
+//!    drop N.
+//!
+//! Every event with offset < H is applied by the replay, every event applied
+//! live after step 1 is dual-written, and events before step 1 have offsets
+//! below H: N ends with every event exactly once.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+use redis::AsyncCommands;
+use tracing::{info, warn};
+
+use crate::batch::{plan, Record};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::projection::spec::ProjectionSpec;
+use crate::projection::store::{Store, Target};
+
+/// What the caller wants once the replay caught up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Switch readers to the new version.
+    Switch,
+    /// Compare with the live version, then drop the scratch version.
+    Verify,
+}
+
+/// The outcome of a rebuild or verify.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The version built.
+    pub version: u64,
+    /// The version that was current before.
+    pub previous: u64,
+    /// Records replayed.
+    pub records: u64,
+    /// Entities compared (verify).
+    pub compared: u64,
+    /// Differences (verify): key and a description.
+    pub differences: Vec<(String, String)>,
+}
+
+const LOCK_TTL_SECS: u64 = 30;
+
+/// Runs a rebuild or verify of `spec`.
+pub async fn run(
+    config: &Config,
+    store: &Store,
+    spec: &ProjectionSpec,
+    mode: Mode,
+    metrics: &Arc<Metrics>,
+    progress: bool,
+) -> anyhow::Result<Report> {
+    let name = spec.name.as_str();
+    let mut conn = store.connection();
+    let base = store.version_prefix(name, 0);
+    let base = base.trim_end_matches("v0").to_owned();
+    let lock_key = format!("{base}rebuild_lock");
+    let token = format!(
+        "{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_millis()
+    );
+    let locked: bool = redis::cmd("SET")
+        .arg(&lock_key)
+        .arg(&token)
+        .arg("NX")
+        .arg("EX")
+        .arg(LOCK_TTL_SECS)
+        .query_async::<Option<String>>(&mut conn)
+        .await?
+        .is_some();
+    if !locked {
+        anyhow::bail!("a rebuild or verify of {name} is already running (lock {lock_key})");
+    }
+    // A rebuild killed half-way leaves `building` and a partial version:
+    // readers never saw it; drop it and start over.
+    if let Some(stale) = store.building_version(name).await? {
+        warn!(
+            projection = name,
+            version = stale,
+            "Removing the partial version of an interrupted rebuild."
+        );
+        let _: () = conn.del(store.building_key(name)).await?;
+        delete_version(store, name, stale).await?;
+    }
+    let previous = store.current_version(name).await?;
+    let counter = format!("{base}version_counter");
+    let _: bool = conn.set_nx(&counter, previous).await?;
+    let version: u64 = conn.incr(&counter, 1).await?;
+    let _: () = conn.set(store.building_key(name), version).await?;
+    info!(
+        projection = name,
+        version,
+        previous,
+        ?mode,
+        "Rebuild started; live applies now dual-write."
+    );
+
+    let lock_refresh = tokio::spawn({
+        let mut conn = store.connection();
+        let lock_key = lock_key.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(LOCK_TTL_SECS / 3)).await;
+                let _: Result<(), _> = conn.expire(&lock_key, LOCK_TTL_SECS as i64).await;
+            }
+        }
+    });
+    let result = replay(config, store, spec, version, metrics, progress).await;
+    let mut report = Report {
+        version,
+        previous,
+        ..Default::default()
+    };
+    let outcome = match result {
+        Ok(records) => {
+            report.records = records;
+            match mode {
+                Mode::Switch => {
+                    let _: () = redis::pipe()
+                        .atomic()
+                        .set(store.current_key(name), version)
+                        .del(store.building_key(name))
+                        .query_async(&mut conn)
+                        .await?;
+                    info!(
+                        projection = name,
+                        version, "Switched readers to the rebuilt version."
+                    );
+                    Ok(())
+                }
+                Mode::Verify => {
+                    let cmp = compare(store, name, previous, version).await;
+                    let _: () = conn.del(store.building_key(name)).await?;
+                    delete_version(store, name, version).await?;
+                    cmp.map(|(compared, diffs)| {
+                        report.compared = compared;
+                        report.differences = diffs;
+                    })
+                }
+            }
+        }
+        Err(e) => Err(e),
+    };
+    lock_refresh.abort();
+    let _: Result<(), _> = conn.del(&lock_key).await;
+    outcome.map(|_| report)
+}
+
+/// Deletes every key of one version, in SCAN batches with UNLINK.
+pub async fn delete_version(store: &Store, projection: &str, version: u64) -> anyhow::Result<u64> {
+    let mut conn = store.connection();
+    let pattern = format!("{}:*", store.version_prefix(projection, version));
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            deleted += keys.len() as u64;
+            let _: () = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
+/// Entity keys of one version.
+async fn entity_keys(
+    store: &Store,
+    projection: &str,
+    version: u64,
+) -> anyhow::Result<BTreeSet<String>> {
+    let mut conn = store.connection();
+    let prefix = format!("{}:e:", store.version_prefix(projection, version));
+    let pattern = format!("{prefix}*");
+    let mut cursor: u64 = 0;
+    let mut out = BTreeSet::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        out.extend(
+            keys.into_iter()
+                .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned)),
+        );
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
+}
+
+/// Compares two versions entity by entity. A difference is re-checked once
+/// after a short pause, since live applies may land between the two reads.
+pub async fn compare(
+    store: &Store,
+    projection: &str,
+    live: u64,
+    scratch: u64,
+) -> anyhow::Result<(u64, Vec<(String, String)>)> {
+    let mut keys = entity_keys(store, projection, live).await?;
+    keys.extend(entity_keys(store, projection, scratch).await?);
+    let mut diffs = Vec::new();
+    for key in &keys {
+        if let Some(d) = differs(store, projection, key, live, scratch).await? {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if differs(store, projection, key, live, scratch)
+                .await?
+                .is_some()
+            {
+                diffs.push((key.clone(), d));
+            }
+        }
+    }
+    Ok((keys.len() as u64, diffs))
+}
+
+async fn differs(
+    store: &Store,
+    projection: &str,
+    key: &str,
+    live: u64,
+    scratch: u64,
+) -> anyhow::Result<Option<String>> {
+    let a = store.read(projection, key, Some(live)).await?;
+    let b = store.read(projection, key, Some(scratch)).await?;
+    let strip = |s: Option<crate::projection::store::EntityState>| {
+        s.map(|s| (s.state, s.updated_at, s.last_event_id))
+    };
+    let (a, b) = (strip(a), strip(b));
+    Ok((a != b).then(|| {
+        let show = |x: &Option<_>| serde_json::to_string(x).unwrap_or_default();
+        format!("live={} rebuilt={}", show(&a), show(&b))
+    }))
+}
+
+/// Replays every raw partition from the earliest offset up to the high
+/// watermark taken now, into `version` only. Returns records replayed.
+async fn replay(
+    config: &Config,
+    store: &Store,
+    spec: &ProjectionSpec,
+    version: u64,
+    metrics: &Arc<Metrics>,
+    progress: bool,
+) -> anyhow::Result<u64> {
+    let mut cfg = config.kafka.base();
+    cfg.set(
+        "group.id",
+        format!("hooklog-rebuild-{}-{version}", spec.name),
+    );
+    cfg.set("enable.auto.commit", "false");
+    // Large fetches, short broker waits: bounded by throughput, not latency.
+    cfg.set("fetch.wait.max.ms", "10");
+    cfg.set("fetch.max.bytes", "104857600");
+    cfg.set("max.partition.fetch.bytes", "10485760");
+    let consumer: StreamConsumer = config.kafka.finish(cfg).create()?;
+    let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+    let mut targets: HashMap<(String, i32), i64> = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    let mut total: i64 = 0;
+    for topic in config.raw_topics() {
+        let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+            anyhow::bail!("raw topic {topic} does not exist");
+        };
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+            if high > low {
+                total += high - low;
+                targets.insert((topic.clone(), p.id()), high);
+                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
+            }
+        }
+    }
+    if targets.is_empty() {
+        return Ok(0);
+    }
+    consumer.assign(&tpl)?;
+    let started = Instant::now();
+    let mut last_print = Instant::now();
+    let mut done: u64 = 0;
+    let batch_size = 5000;
+    while !targets.is_empty() {
+        let mut batch: Vec<Record> = Vec::with_capacity(batch_size);
+        let first = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "no records for 30 s while {} partitions are behind",
+                    targets.len()
+                )
+            })??;
+        batch.push(first.detach().into());
+        while batch.len() < batch_size {
+            match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach().into()),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => break,
+            }
+        }
+        let plan = plan(std::iter::once(spec), &batch);
+        let refs: Vec<_> = plan
+            .updates
+            .iter()
+            .map(|(u, id, _)| (u, id.as_str()))
+            .collect();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match store.apply_batch(&refs, Target::Version(version)).await {
+                Ok(_) => break,
+                Err(e) => {
+                    warn!(error = %e, "Redis failed during rebuild; retrying.");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        done += batch.len() as u64;
+        for r in &batch {
+            let key = (r.topic.clone(), r.partition);
+            if targets.get(&key).is_some_and(|high| r.offset + 1 >= *high) {
+                targets.remove(&key);
+            }
+        }
+        metrics.rebuild_progress(&spec.name, done as i64);
+        if progress && (last_print.elapsed() >= Duration::from_secs(1) || targets.is_empty()) {
+            last_print = Instant::now();
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let left = (total as f64 - done as f64).max(0.0);
+            eprintln!(
+                "rebuild {} v{version}: {done}/{total} records ({:.0}%), {rate:.0} rec/s, ETA {:.0}s",
+                spec.name,
+                100.0 * done as f64 / total.max(1) as f64,
+                left / rate.max(1.0)
+            );
+        }
+    }
+    Ok(done)
+}
