@@ -98,9 +98,10 @@ pub fn plan<'a>(
                 }
             }
         }
-        // A record is dead-lettered whole: applying part of it and parking
-        // the rest would make a later replay disagree with live state.
-        if let Some(detail) = failure {
+        // Dead-letter only what no projection can map: a rule whose entity
+        // key is absent (e.g. a guest charge in a per-customer projection)
+        // must not hold back the projections that can use the event.
+        if let (true, Some(detail)) = (updates.is_empty(), failure) {
             plan.poison.push((i, "unmappable", detail));
         } else if !matched {
             plan.unmatched += 1;

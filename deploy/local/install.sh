@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the local stack needs, idempotently:
+#   - Debian's redis-server (apt-get when absent),
+#   - curl and openssl (used by the example sender),
+#   - the Tansu broker into .tools/bin (cargo install, ~12 min once on 2
+#     cores; reused from ~/.cache/hooklog/tansu-0.6.0 when present).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+TANSU_VERSION=0.6.0
+cache="${HOME}/.cache/hooklog/tansu-${TANSU_VERSION}"
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "install: apt-get install ${need_apt[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+tansu="$root/.tools/bin/tansu"
+if [ ! -x "$tansu" ]; then
+  if [ -x "$cache/bin/tansu" ]; then
+    mkdir -p "$root/.tools/bin"
+    cp "$cache/bin/tansu" "$tansu"
+  else
+    echo "install: building Tansu ${TANSU_VERSION} (once; about 12 minutes on 2 cores)"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql --root "$root/.tools"
+    mkdir -p "$cache/bin" && cp "$tansu" "$cache/bin/tansu" || true
+  fi
+fi
+"$tansu" --version >/dev/null
