@@ -1,1 +1,3 @@
+//! End-to-end tests: one test binary, one module per scenario.
 
+mod foundation;

@@ -1,1 +1,643 @@
+//! End-to-end harness: real Tansu broker (sqlite storage), real Redis, and
+//! the real `hooklog-ingest` / `hooklog-processor` binaries, on free ports.
+//!
+//! - [`Stack`]: a broker and a Redis. [`shared_stack`] starts one per test
+//!   binary (or reuses `HOOKLOG_TEST_BROKERS` / `HOOKLOG_TEST_REDIS`); tests
+//!   that kill a dependency start their own with [`Stack::start`].
+//! - [`Service`]: a child process under a supervisor that kills it when the
+//!   test process exits, even on panic or abort; [`Drop`] kills it too.
+//! - [`TestEnv`]: a unique namespace (topics, group, Redis prefix), a
+//!   generated `hooklog.toml`, and helpers to spawn the binaries.
+//! - [`sign`]: request signing for every scheme; [`kafka`]: reading records.
+//!
+//! Logs of spawned processes go to files in the run directory; set
+//! `TEST_LOG=1` to see them on the console instead.
 
+pub mod kafka;
+pub mod sign;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+/// Path of a built workspace binary (`make test` builds them first).
+pub fn bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let p = target.join("debug").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A directory for this test process's files.
+pub fn run_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = root()
+            .join("target")
+            .join("e2e-run")
+            .join(std::process::id().to_string());
+        std::fs::create_dir_all(&d).expect("run dir");
+        d
+    })
+}
+
+/// Unique ids for namespaces.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+// Kills the child when the test process (the parent) is gone.
+const SUPERVISOR: &str = r#"parent=$1; pidfile=$2; shift 2
+"$@" &
+child=$!
+echo $child > "$pidfile"
+trap 'kill -9 $child 2>/dev/null; exit 0' TERM INT
+while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 0.2; done
+kill -9 $child 2>/dev/null
+wait $child 2>/dev/null
+exit 0"#;
+
+/// A spawned process (restartable with the same command).
+pub struct Service {
+    /// Short name for messages.
+    pub name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    cwd: PathBuf,
+    /// Log file of stdout + stderr.
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Service {
+    /// Defines (does not start) a service.
+    pub fn new(
+        name: &str,
+        program: impl Into<PathBuf>,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
+        let name = unique(&format!("{name}-"));
+        let cwd = run_dir().join(&name);
+        std::fs::create_dir_all(&cwd).expect("service dir");
+        Self {
+            log: cwd.join("out.log"),
+            name,
+            program: program.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            cwd,
+            child: None,
+        }
+    }
+
+    /// Adds an environment variable for the next start.
+    pub fn env(&mut self, k: &str, v: &str) {
+        self.envs.push((k.into(), v.into()));
+    }
+
+    /// Starts it under the supervisor.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let quiet = std::env::var("TEST_LOG").is_err();
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(SUPERVISOR)
+            .arg("supervisor")
+            .arg(std::process::id().to_string())
+            .arg(self.cwd.join("pid"))
+            .arg(&self.program)
+            .args(&self.args)
+            .current_dir(&self.cwd)
+            .stdin(Stdio::null());
+        // Children must not take the test's own HOOKLOG_* settings.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("HOOKLOG_") || k.starts_with("OTEL_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
+        if quiet {
+            cmd.stdout(log.try_clone().expect("log")).stderr(log);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawning {}: {e}", self.program.display())),
+        );
+    }
+
+    /// Sends SIGKILL to the process (not the supervisor) and waits.
+    pub fn kill(&mut self) {
+        self.signal_child("-KILL");
+    }
+
+    /// Sends SIGTERM to the process and waits for it to exit.
+    pub fn terminate(&mut self) {
+        self.signal_child("-TERM");
+    }
+
+    fn signal_child(&mut self, sig: &str) {
+        if let Some(mut sup) = self.child.take() {
+            // The supervisor wrote the process's pid; `kill` is a shell builtin.
+            let pidfile = self.cwd.join("pid");
+            let _ = Command::new("bash")
+                .arg("-c")
+                .arg(format!(
+                    "kill {sig} $(cat {}) 2>/dev/null",
+                    pidfile.display()
+                ))
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = sup.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = sup.kill();
+            let _ = sup.wait();
+        }
+    }
+
+    /// Whether the supervised process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits until the service exits by itself; returns false on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Kafka-protocol broker and a Redis.
+pub struct Stack {
+    /// `host:port` of the broker.
+    pub brokers: String,
+    /// `redis://…` URL.
+    pub redis_url: String,
+    /// The broker process (None when reused from env).
+    pub tansu: Option<Service>,
+    /// The Redis process (None when reused from env).
+    pub redis: Option<Service>,
+}
+
+impl Stack {
+    /// Starts a dedicated Tansu (sqlite storage) and Redis on free ports.
+    pub fn start() -> Self {
+        let kport = free_port();
+        let rport = free_port();
+        let url = format!("tcp://127.0.0.1:{kport}");
+        let tansu_bin = std::env::var("TANSU_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root().join(".tools/bin/tansu"));
+        assert!(
+            tansu_bin.exists(),
+            "Tansu is missing: run deploy/local/install.sh"
+        );
+        let mut tansu = Service::new(
+            "tansu",
+            tansu_bin,
+            &[
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ],
+            &[],
+        );
+        tansu.start();
+        let mut redis = Service::new(
+            "redis",
+            "redis-server",
+            &[
+                "--port",
+                &rport.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            &[],
+        );
+        redis.start();
+        let stack = Self {
+            brokers: format!("127.0.0.1:{kport}"),
+            redis_url: format!("redis://127.0.0.1:{rport}/"),
+            tansu: Some(tansu),
+            redis: Some(redis),
+        };
+        stack.wait_ready();
+        stack
+    }
+
+    /// Waits until Redis answers PING and the broker answers metadata.
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let redis_ok = redis::Client::open(self.redis_url.as_str())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok();
+            if redis_ok && kafka::reachable(&self.brokers) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "stack did not become ready");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A synchronous Redis connection.
+    pub fn redis(&self) -> redis::Connection {
+        redis::Client::open(self.redis_url.as_str())
+            .expect("url")
+            .get_connection()
+            .expect("redis")
+    }
+}
+
+/// One stack per test binary, or the one named by `HOOKLOG_TEST_BROKERS`
+/// and `HOOKLOG_TEST_REDIS`.
+pub fn shared_stack() -> &'static Stack {
+    static STACK: OnceLock<Stack> = OnceLock::new();
+    STACK.get_or_init(|| {
+        match (
+            std::env::var("HOOKLOG_TEST_BROKERS"),
+            std::env::var("HOOKLOG_TEST_REDIS"),
+        ) {
+            (Ok(brokers), Ok(redis_url)) => {
+                let s = Stack {
+                    brokers,
+                    redis_url,
+                    tansu: None,
+                    redis: None,
+                };
+                s.wait_ready();
+                s
+            }
+            _ => Stack::start(),
+        }
+    })
+}
+
+/// Secrets of the generated config, one per source (test values).
+pub const SECRETS: &[(&str, &str, &str)] = &[
+    ("fulfillment", "hmac-sha256", "e2e-fulfillment-secret-7f3a"),
+    ("accounts", "hmac-sha256", "e2e-accounts-secret-91bc"),
+    ("stripe", "stripe", "whsec_e2eStripeSecret5d2e"),
+    ("github", "github", "e2e-github-secret-44aa"),
+    ("slack", "slack", "e2e-slack-secret-0c1d"),
+    ("shopify", "shopify", "e2e-shopify-secret-8e8e"),
+    (
+        "resend",
+        "standard-webhooks",
+        "whsec_ZTJlLXJlc2VuZC1zZWNyZXQta2V5",
+    ),
+];
+
+/// The secret of a source.
+pub fn secret(source: &str) -> &'static str {
+    SECRETS
+        .iter()
+        .find(|(s, _, _)| *s == source)
+        .map(|(_, _, k)| *k)
+        .expect("source")
+}
+
+/// One test's namespace and config.
+pub struct TestEnv {
+    /// Unique id.
+    pub id: String,
+    /// Broker and Redis.
+    pub brokers: String,
+    /// Redis URL.
+    pub redis_url: String,
+    /// Redis key prefix.
+    pub prefix: String,
+    /// Config file path.
+    pub config_path: PathBuf,
+    /// Ingest listen port.
+    pub ingest_port: u16,
+    /// Processor listen port.
+    pub processor_port: u16,
+    /// Extra TOML appended to the config (tests that tune settings).
+    extra: String,
+}
+
+impl TestEnv {
+    /// A namespace on the shared stack.
+    pub fn new(name: &str) -> Self {
+        let s = shared_stack();
+        Self::on(name, &s.brokers, &s.redis_url, "")
+    }
+
+    /// A namespace on a given stack with extra `[server]`/`[processor]` keys.
+    pub fn on(name: &str, brokers: &str, redis_url: &str, extra: &str) -> Self {
+        let id = unique(&format!("{name}-"));
+        let env = Self {
+            prefix: format!("e2e:{id}:"),
+            config_path: run_dir().join(format!("{id}.toml")),
+            brokers: brokers.into(),
+            redis_url: redis_url.into(),
+            ingest_port: free_port(),
+            processor_port: free_port(),
+            extra: extra.into(),
+            id,
+        };
+        env.write_config(&env.projections_toml(false));
+        env
+    }
+
+    /// The raw topic of a source in this namespace.
+    pub fn topic(&self, source: &str) -> String {
+        format!("e2e.{}.{source}", self.id)
+    }
+
+    /// The seed projections; `extra_field` adds `carrier_upper_hint` to
+    /// orders (a definition change for the rebuild test).
+    pub fn projections_toml(&self, extra_field: bool) -> String {
+        let extra = if extra_field {
+            ", tracking = \"/tracking_number\""
+        } else {
+            ""
+        };
+        format!(
+            r#"
+[[projection]]
+name = "orders"
+status_field = "status"
+status_precedence = ["created", "paid", "shipped", "delivered"]
+  [[projection.rule]]
+  source = "fulfillment"
+  event_type = "order.shipped"
+  key = "/order_id"
+  time = "/shipped_at"
+  status = "shipped"
+  set = {{ order_id = "/order_id", shipping_carrier = "/shipping_carrier", tracking_number = "/tracking_number", shipped_at = "/shipped_at"{extra} }}
+  [[projection.rule]]
+  source = "fulfillment"
+  event_type = "order.delivered"
+  key = "/order_id"
+  time = "/delivered_at"
+  status = "delivered"
+  set = {{ delivered_at = "/delivered_at" }}
+
+[[projection]]
+name = "charges"
+  [[projection.rule]]
+  source = "stripe"
+  event_type = "charge.succeeded"
+  key = "/data/object/id"
+  time = "/created"
+  set = {{ amount = "/data/object/amount", currency = "/data/object/currency", status = "/data/object/status", payment_intent = "/data/object/payment_intent", customer = "/data/object/customer" }}
+
+[[projection]]
+name = "customers"
+  [[projection.rule]]
+  source = "accounts"
+  event_type = "customer.signed_up"
+  key = "/customer_id"
+  time = "/signed_up_at"
+  set = {{ customer_id = "/customer_id", email = "/email", plan = "/plan" }}
+  [[projection.rule]]
+  source = "stripe"
+  event_type = "charge.succeeded"
+  key = "/data/object/customer"
+  time = "/created"
+  sum = {{ total_charged = "/data/object/amount" }}
+  count = ["charges"]
+"#
+        )
+    }
+
+    /// (Re)writes the config with the given projections.
+    pub fn write_config(&self, projections: &str) {
+        let mut text = format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\npublish_timeout_ms = 3000\nretry_after_secs = 2\n\n\
+             [kafka]\nbrokers = \"{}\"\n\n\
+             [processor]\nlisten = \"127.0.0.1:{}\"\ngroup_id = \"e2e-{}\"\npartitions = 3\nbatch_wait_ms = 10\n\n\
+             [redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\n\n",
+            self.ingest_port, self.brokers, self.processor_port, self.id, self.redis_url, self.prefix
+        );
+        text = merge_extra(text, &self.extra);
+        for (source, scheme, _) in SECRETS {
+            text.push_str(&format!(
+                "[[source]]\nname = \"{source}\"\nscheme = \"{scheme}\"\nsecrets = [\"env:E2E_SECRET_{}\"]\ntopic = \"{}\"\n\n",
+                source.to_uppercase(),
+                self.topic(source)
+            ));
+        }
+        text.push_str(projections);
+        std::fs::write(&self.config_path, text).expect("write config");
+    }
+
+    fn envs(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = SECRETS
+            .iter()
+            .map(|(s, _, k)| (format!("E2E_SECRET_{}", s.to_uppercase()), k.to_string()))
+            .collect();
+        v.push((
+            "HOOKLOG_CONFIG".into(),
+            self.config_path.display().to_string(),
+        ));
+        v.push((
+            "HOOKLOG_LOG".into(),
+            "debug,rdkafka=info,librdkafka=warn,h2=info,hyper=info,tower=info".into(),
+        ));
+        v
+    }
+
+    /// Runs `hooklog-processor <args>` to completion; returns (success, stdout+stderr).
+    pub fn processor_cmd(&self, args: &[&str]) -> (bool, String) {
+        let mut cmd = Command::new(bin("hooklog-processor"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("HOOKLOG_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = cmd
+            .args(args)
+            .envs(self.envs())
+            .output()
+            .expect("run processor");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Creates every topic of the config.
+    pub fn create_topics(&self) {
+        let (ok, out) = self.processor_cmd(&["create-topics"]);
+        assert!(ok, "create-topics failed: {out}");
+    }
+
+    fn service(&self, name: &str, binary: &str, args: &[&str]) -> Service {
+        let envs = self.envs();
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Service::new(name, bin(binary), args, &envs)
+    }
+
+    /// Starts ingest and waits for `/readyz`.
+    pub fn ingest(&self) -> Service {
+        let mut s = self.service("ingest", "hooklog-ingest", &[]);
+        s.start();
+        wait_http_ok(
+            &format!("{}/readyz", self.ingest_url()),
+            Duration::from_secs(30),
+        );
+        s
+    }
+
+    /// Defines the processor service (not started).
+    pub fn processor_service(&self) -> Service {
+        self.service("processor", "hooklog-processor", &[])
+    }
+
+    /// Starts the processor and waits for `/readyz`.
+    pub fn processor(&self) -> Service {
+        let mut s = self.processor_service();
+        s.start();
+        wait_http_ok(
+            &format!("{}/readyz", self.processor_url()),
+            Duration::from_secs(30),
+        );
+        s
+    }
+
+    /// Ingest base URL.
+    pub fn ingest_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ingest_port)
+    }
+
+    /// Processor base URL.
+    pub fn processor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.processor_port)
+    }
+
+    /// A synchronous Redis connection.
+    pub fn redis(&self) -> redis::Connection {
+        redis::Client::open(self.redis_url.as_str())
+            .expect("url")
+            .get_connection()
+            .expect("redis")
+    }
+}
+
+/// Puts `extra` lines under their `[table]` headers in `text`.
+fn merge_extra(mut text: String, extra: &str) -> String {
+    let mut table = String::new();
+    for line in extra.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with('[') {
+            table = line.to_owned();
+        } else {
+            let at = text.find(&format!("{table}\n")).expect("known table") + table.len() + 1;
+            text.insert_str(at, &format!("{line}\n"));
+        }
+    }
+    text
+}
+
+/// Polls `url` until it answers 2xx.
+pub fn wait_http_ok(url: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(out) = Command::new("curl")
+            .args(["-fs", "-o", "/dev/null", "--max-time", "2", url])
+            .status()
+        {
+            if out.success() {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} not ready after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,35 @@
+# Hooklog. Logic lives in deploy/local/ scripts; targets stay thin.
+.PHONY: help run test lint build dev-up dev-down clean
+
+CARGO ?= cargo
+TEST_THREADS ?= 4
+
+help: ## List targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+run: ## Install what is missing, start Redis + Tansu + both binaries (Ctrl-C stops all)
+	deploy/local/run.sh
+
+test: ## Install what is missing, lint, then run unit and end-to-end tests
+	deploy/local/install.sh
+	$(MAKE) lint
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+
+lint: ## cargo fmt --check and clippy -D warnings
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+build: ## Release build of both binaries
+	$(CARGO) build --release --bins
+
+dev-up: ## Start only Redis + Tansu (and create the example topics)
+	deploy/local/install.sh
+	deploy/local/stack.sh up
+	$(CARGO) run -q --bin hooklog-processor -- --config deploy/local/hooklog.toml create-topics
+
+dev-down: ## Stop exactly what dev-up started
+	deploy/local/stack.sh down
+
+clean: ## Remove run directories (keeps .tools/)
+	rm -rf .run
