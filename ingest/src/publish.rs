@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hooklog_schemas::kafka::KafkaConfig;
+use hooklog_schemas::kafka::{KafkaConfig, ResettableProducer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
 /// Where a record landed.
@@ -33,13 +33,19 @@ pub enum PublishError {
     /// The delivery report channel closed (producer shutting down).
     #[error("delivery report lost")]
     Canceled,
+    /// No delivery report within `publish_timeout_ms`. The record may still
+    /// land later; the provider's retry then stores a duplicate that the
+    /// processor drops by event id.
+    #[error("no broker ack within the publish timeout")]
+    Timeout,
 }
 
 /// The producer plus a reachability flag for `/readyz`.
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: ResettableProducer,
     reachable: Arc<AtomicBool>,
+    timeout: Duration,
 }
 
 /// librdkafka settings of the ingest producer.
@@ -67,10 +73,16 @@ pub fn producer_config(kafka: &KafkaConfig, publish_timeout_ms: u64) -> ClientCo
 impl Publisher {
     /// Creates the producer (does not connect yet).
     pub fn new(kafka: &KafkaConfig, publish_timeout_ms: u64) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = producer_config(kafka, publish_timeout_ms).create()?;
+        // librdkafka's message.timeout.ms does not bound a record that is
+        // in flight when the connection drops (seen: 10 s for a 3 s
+        // setting), so the answer is bounded here as well.
+        let timeout = Duration::from_millis(publish_timeout_ms);
+        let producer =
+            ResettableProducer::new(producer_config(kafka, publish_timeout_ms), timeout)?;
         Ok(Self {
             producer,
             reachable: Arc::new(AtomicBool::new(false)),
+            timeout,
         })
     }
 
@@ -93,7 +105,7 @@ impl Publisher {
             .key(key)
             .payload(payload)
             .headers(owned);
-        let delivery = match self.producer.send_result(record) {
+        let delivery = match self.producer.current().send_result(record) {
             Ok(f) => f,
             Err((
                 KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
@@ -101,7 +113,11 @@ impl Publisher {
             )) => return Err(PublishError::QueueFull),
             Err((e, _)) => return Err(e.into()),
         };
-        match delivery.await {
+        let Ok(report) = tokio::time::timeout(self.timeout, delivery).await else {
+            self.producer.reset();
+            return Err(PublishError::Timeout);
+        };
+        match report {
             Ok(Ok(d)) => {
                 self.reachable.store(true, Ordering::Relaxed);
                 Ok(Ack {
@@ -109,7 +125,17 @@ impl Publisher {
                     offset: d.offset,
                 })
             }
-            Ok(Err((e, _))) => Err(e.into()),
+            Ok(Err((e, _))) => {
+                if matches!(
+                    e,
+                    KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::MessageTimedOut
+                    )
+                ) {
+                    self.producer.reset();
+                }
+                Err(e.into())
+            }
             Err(_) => Err(PublishError::Canceled),
         }
     }
@@ -124,6 +150,7 @@ impl Publisher {
     pub fn probe(&self, timeout: Duration) -> bool {
         let ok = self
             .producer
+            .current()
             .client()
             .fetch_metadata(None, timeout)
             .is_ok_and(|m| !m.brokers().is_empty());
@@ -133,6 +160,6 @@ impl Publisher {
 
     /// Waits until every queued record is delivered or `timeout` passes.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
+        self.producer.current().flush(timeout)
     }
 }

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use futures::future::try_join_all;
-use hooklog_schemas::kafka::KafkaConfig;
+use hooklog_schemas::kafka::{KafkaConfig, ResettableProducer};
 use hooklog_schemas::{headers, topics};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 
 use crate::batch::Record;
 use crate::projection::store::EntityState;
@@ -17,7 +17,7 @@ use crate::projection::store::EntityState;
 /// The processor's producer.
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: ResettableProducer,
 }
 
 impl Publisher {
@@ -32,7 +32,7 @@ impl Publisher {
         cfg.set("linger.ms", "2");
         cfg.set("message.timeout.ms", "10000");
         Ok(Self {
-            producer: kafka.finish(cfg).create()?,
+            producer: ResettableProducer::new(kafka.finish(cfg), Duration::from_secs(5))?,
         })
     }
 
@@ -61,7 +61,13 @@ impl Publisher {
                 .headers(h);
             self.enqueue(record)
         });
-        try_join_all(sends).await.map(|_| ())
+        self.settle(try_join_all(sends).await)
+    }
+
+    /// On failure the batch is retried whole: replace the producer so the
+    /// old one never retries the records on its own.
+    fn settle<T>(&self, result: Result<T, KafkaError>) -> Result<(), KafkaError> {
+        result.map(|_| ()).inspect_err(|_| self.producer.reset())
     }
 
     /// Dead-letters records: original key, value and headers, plus reason.
@@ -97,7 +103,7 @@ impl Publisher {
             }
             self.enqueue(record)
         });
-        try_join_all(sends).await.map(|_| ())
+        self.settle(try_join_all(sends).await)
     }
 
     /// Queues a record; the returned future resolves with its ack.
@@ -105,7 +111,11 @@ impl Publisher {
         &self,
         record: FutureRecord<'_, K, P>,
     ) -> impl std::future::Future<Output = Result<(), KafkaError>> {
-        let queued = self.producer.send_result(record).map_err(|(e, _)| e);
+        let queued = self
+            .producer
+            .current()
+            .send_result(record)
+            .map_err(|(e, _)| e);
         async move {
             match queued?.await {
                 Ok(Ok(_)) => Ok(()),
@@ -117,6 +127,6 @@ impl Publisher {
 
     /// Flushes outstanding records.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
+        self.producer.current().flush(timeout)
     }
 }

@@ -2,7 +2,11 @@
 //! the base librdkafka client config is built.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use serde::Deserialize;
 
@@ -48,5 +52,60 @@ impl KafkaConfig {
             cfg.set(k, v);
         }
         cfg
+    }
+}
+
+/// A `FutureProducer` that can be replaced after a delivery failure.
+///
+/// Dropping the old producer purges its queued and in-flight records, so it
+/// never retries them; a fresh producer id starts clean. Callers reset only
+/// after they stopped waiting for those records (they answered 503 or will
+/// retry the whole batch), so nothing acknowledged is lost. Why: Tansu 0.6.0
+/// panics on an idempotent producer's retry after a request timeout and then
+/// stops serving; on Apache Kafka a reset only costs a new producer id.
+#[derive(Clone)]
+pub struct ResettableProducer {
+    producer: Arc<RwLock<FutureProducer>>,
+    config: Arc<ClientConfig>,
+    last_reset: Arc<Mutex<Instant>>,
+    min_interval: Duration,
+}
+
+impl ResettableProducer {
+    /// Creates the producer; resets happen at most once per `min_interval`.
+    pub fn new(config: ClientConfig, min_interval: Duration) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = config.create()?;
+        Ok(Self {
+            producer: Arc::new(RwLock::new(producer)),
+            config: Arc::new(config),
+            last_reset: Arc::new(Mutex::new(Instant::now())),
+            min_interval,
+        })
+    }
+
+    /// The producer to send with now.
+    pub fn current(&self) -> FutureProducer {
+        self.producer.read().expect("producer lock").clone()
+    }
+
+    /// Replaces the producer (rate-limited). The old one is dropped on a
+    /// plain thread, since its purge and short flush may block.
+    pub fn reset(&self) {
+        {
+            let mut last = self.last_reset.lock().expect("reset lock");
+            if last.elapsed() < self.min_interval {
+                return;
+            }
+            *last = Instant::now();
+        }
+        match self.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                let old =
+                    std::mem::replace(&mut *self.producer.write().expect("producer lock"), fresh);
+                tracing::warn!("Kafka producer replaced after a delivery failure.");
+                std::thread::spawn(move || drop(old));
+            }
+            Err(e) => tracing::error!(error = %e, "Could not recreate the Kafka producer."),
+        }
     }
 }

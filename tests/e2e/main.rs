@@ -1,3 +1,4 @@
 //! End-to-end tests: one test binary, one module per scenario.
 
 mod foundation;
+mod ingest;

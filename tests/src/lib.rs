@@ -14,6 +14,7 @@
 //! `TEST_LOG=1` to see them on the console instead.
 
 pub mod kafka;
+pub mod proxy;
 pub mod sign;
 
 use std::net::TcpListener;
@@ -171,6 +172,18 @@ impl Service {
         self.signal_child("-KILL");
     }
 
+    /// Sends a signal (e.g. `-TERM`) without waiting.
+    pub fn send_signal(&self, sig: &str) {
+        let pidfile = self.cwd.join("pid");
+        let _ = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "kill {sig} $(cat {}) 2>/dev/null",
+                pidfile.display()
+            ))
+            .status();
+    }
+
     /// Sends SIGTERM to the process and waits for it to exit.
     pub fn terminate(&mut self) {
         self.signal_child("-TERM");
@@ -241,14 +254,33 @@ pub struct Stack {
     pub tansu: Option<Service>,
     /// The Redis process (None when reused from env).
     pub redis: Option<Service>,
+    tansu_port: u16,
 }
 
 impl Stack {
     /// Starts a dedicated Tansu (sqlite storage) and Redis on free ports.
     pub fn start() -> Self {
-        let kport = free_port();
+        let port = free_port();
+        Self::start_with(port, port)
+    }
+
+    /// Like [`Stack::start`], with clients reaching the broker through a
+    /// [`proxy::Proxy`] that the test can switch off.
+    pub fn start_behind_proxy() -> (Self, proxy::Proxy) {
+        let advertised = free_port();
+        let stack = Self::start_with(free_port(), advertised);
+        let target = stack
+            .brokers
+            .replace(&advertised.to_string(), &stack.tansu_port.to_string());
+        let p = proxy::Proxy::start(advertised, target);
+        stack.wait_ready();
+        (stack, p)
+    }
+
+    fn start_with(kport: u16, advertised: u16) -> Self {
         let rport = free_port();
         let url = format!("tcp://127.0.0.1:{kport}");
+        let advertised_url = format!("tcp://127.0.0.1:{advertised}");
         let tansu_bin = std::env::var("TANSU_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|_| root().join(".tools/bin/tansu"));
@@ -264,7 +296,7 @@ impl Stack {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised_url,
                 "--storage-engine",
                 "sqlite://tansu.db",
             ],
@@ -282,18 +314,23 @@ impl Stack {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes",
+                "--appendfsync",
+                "always",
             ],
             &[],
         );
         redis.start();
         let stack = Self {
-            brokers: format!("127.0.0.1:{kport}"),
+            tansu_port: kport,
+            brokers: format!("127.0.0.1:{advertised}"),
             redis_url: format!("redis://127.0.0.1:{rport}/"),
             tansu: Some(tansu),
             redis: Some(redis),
         };
-        stack.wait_ready();
+        if advertised == kport {
+            stack.wait_ready();
+        }
         stack
     }
 
@@ -337,6 +374,7 @@ pub fn shared_stack() -> &'static Stack {
                     redis_url,
                     tansu: None,
                     redis: None,
+                    tansu_port: 0,
                 };
                 s.wait_ready();
                 s
