@@ -13,6 +13,7 @@
 //! Logs of spawned processes go to files in the run directory; set
 //! `TEST_LOG=1` to see them on the console instead.
 
+pub mod events;
 pub mod kafka;
 pub mod proxy;
 pub mod sign;
@@ -678,4 +679,32 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// GET a JSON document; None on non-2xx.
+pub async fn get_json(url: &str) -> Option<serde_json::Value> {
+    let resp = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json().await.ok()
+}
+
+/// Sum of a counter over the series whose line contains every `labels` part.
+pub async fn metric(base_url: &str, name: &str, labels: &[&str]) -> f64 {
+    let text = reqwest::get(format!("{base_url}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

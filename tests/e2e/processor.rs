@@ -1,0 +1,456 @@
+//! hooklog-processor end to end: seed scenarios through ingest to the read
+//! API, exactly-once applies under retries, kill -9 and Redis outages, DLQ,
+//! and the changelog (including a crash between apply and changelog).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use hooklog_e2e::events::{self, raw};
+use hooklog_e2e::sign::{self, now};
+use hooklog_e2e::{eventually, get_json, kafka, metric, secret, shared_stack, Stack, TestEnv};
+use serde_json::Value;
+
+use crate::ingest::post;
+
+async fn send(env: &TestEnv, source: &str, scheme: &str, body: &str, id: &str) -> Value {
+    let headers = sign::headers(scheme, secret(source), body.as_bytes(), now(), id);
+    let r = post(env, source, &headers, body.as_bytes().to_vec()).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    r.json
+}
+
+async fn state(env: &TestEnv, projection: &str, key: &str) -> Option<Value> {
+    get_json(&format!(
+        "{}/v1/projections/{projection}/{key}",
+        env.processor_url()
+    ))
+    .await
+}
+
+/// Waits until the entity satisfies `ok`.
+async fn wait_state(
+    env: &TestEnv,
+    projection: &str,
+    key: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    eventually(
+        &format!("{projection}/{key}"),
+        Duration::from_secs(60),
+        || async { state(env, projection, key).await.filter(|s| ok(s)) },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn seed_scenarios_from_webhook_to_read_api_and_changelog() {
+    let env = TestEnv::new("proc-seed");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _processor = env.processor();
+    let customer = format!("cus_{}", env.id.replace('-', ""));
+
+    let receipt = send(
+        &env,
+        "fulfillment",
+        "hmac-sha256",
+        events::SEED_ORDER_SHIPPED,
+        "",
+    )
+    .await;
+    let order_event_id = receipt["event_id"].as_str().unwrap().to_owned();
+    assert!(
+        order_event_id.starts_with("sha256:"),
+        "the seed order.shipped has no id: body hash"
+    );
+    send(
+        &env,
+        "accounts",
+        "hmac-sha256",
+        &events::customer_signed_up(&format!("evt_su_{customer}"), &customer, "ada@example.com"),
+        "",
+    )
+    .await;
+    send(
+        &env,
+        "stripe",
+        "stripe",
+        &events::seed_stripe_charge(&customer),
+        "",
+    )
+    .await;
+
+    let order = wait_state(&env, "orders", "ORD-633261", |s| {
+        s["state"]["status"] == "shipped"
+    })
+    .await;
+    assert_eq!(order["state"]["shipping_carrier"], "FedEx");
+    assert_eq!(order["state"]["tracking_number"], "1ZBPWJXU5C9BPQBMCI");
+    assert_eq!(order["state"]["shipped_at"], "2025-03-01T12:00:00Z");
+    assert_eq!(order["last_event_id"], order_event_id.as_str());
+    assert_eq!(order["updated_at"], "2025-03-01T12:00:00.000Z");
+    assert_eq!(order["version"], 1);
+
+    let charge = wait_state(&env, "charges", "ch_1H6XgJ2eZvKYlo2C0Lq5sJgQ", |_| true).await;
+    assert_eq!(charge["state"]["amount"], 2000);
+    assert_eq!(charge["state"]["currency"], "usd");
+    assert_eq!(charge["state"]["status"], "succeeded");
+    assert_eq!(charge["last_event_id"], "evt_1H6XgJ2eZvKYlo2CnQ7v2xY7");
+
+    let cust = wait_state(&env, "customers", &customer, |s| {
+        s["state"]["charges"] == 1 && s["state"]["email"].is_string()
+    })
+    .await;
+    assert_eq!(cust["state"]["email"], "ada@example.com");
+    assert_eq!(cust["state"]["total_charged"], 2000);
+
+    // Unknown projection or key: 404 with a JSON error.
+    let resp = reqwest::get(format!(
+        "{}/v1/projections/orders/ORD-none",
+        env.processor_url()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "unknown_key");
+    let resp = reqwest::get(format!("{}/v1/projections/nope/x", env.processor_url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let list = get_json(&format!("{}/v1/projections", env.processor_url()))
+        .await
+        .unwrap();
+    assert_eq!(list["projections"].as_array().unwrap().len(), 3);
+
+    // The changelog carries the latest state per entity key.
+    let latest = eventually(
+        "changelog for the customer",
+        Duration::from_secs(30),
+        || async {
+            kafka::read_all(&env.brokers, "hooklog.state.customers")
+                .into_iter()
+                .filter(|r| r.key_str() == customer)
+                .map(|r| serde_json::from_slice::<Value>(r.value.as_deref().unwrap()).unwrap())
+                .filter(|v| v["state"]["charges"] == 1 && v["state"]["email"].is_string())
+                .last()
+        },
+    )
+    .await;
+    assert_eq!(latest["state"], cust["state"]);
+}
+
+#[tokio::test]
+async fn a_provider_retrying_five_times_is_applied_once() {
+    let env = TestEnv::new("proc-dup");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _processor = env.processor();
+    let customer = format!("cus_dup{}", env.id.replace('-', ""));
+    let body = events::stripe_charge("evt_dup_1", "ch_dup_1", &customer, 1250, 1_740_830_400);
+    for _ in 0..5 {
+        send(&env, "stripe", "stripe", &body, "").await;
+    }
+    assert_eq!(
+        kafka::record_count(&env.brokers, &env.topic("stripe")),
+        5,
+        "every delivery is stored"
+    );
+    let url = env.processor_url();
+    eventually("4 duplicates counted", Duration::from_secs(60), || async {
+        (metric(
+            &url,
+            "hooklog_processor_duplicate_events_total",
+            &["customers"],
+        )
+        .await
+            == 4.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &url,
+            "hooklog_processor_applied_events_total",
+            &["customers"]
+        )
+        .await,
+        1.0
+    );
+    let cust = state(&env, "customers", &customer).await.unwrap();
+    assert_eq!(cust["state"]["total_charged"], 1250);
+    assert_eq!(cust["state"]["charges"], 1);
+}
+
+/// Charges for `customers` customers, `n` events; returns expected sums.
+fn charge_stream(
+    env: &TestEnv,
+    n: usize,
+    customers: usize,
+) -> (Vec<(String, Vec<u8>)>, HashMap<String, (i64, i64)>) {
+    let mut records = Vec::with_capacity(n);
+    let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
+    for i in 0..n {
+        let customer = format!("cus_{}_{}", env.id.replace('-', ""), i % customers);
+        let amount = 100 + (i as i64 * 7919) % 10_000;
+        let id = format!("evt_{}_{i}", env.id);
+        let body = events::stripe_charge(
+            &id,
+            &format!("ch_{}_{i}", env.id),
+            &customer,
+            amount,
+            1_740_830_400 + i as i64,
+        );
+        let e = expected.entry(customer).or_default();
+        e.0 += amount;
+        e.1 += 1;
+        records.push((
+            id.clone(),
+            raw("stripe", "stripe", &id, "charge.succeeded", &body).encode(),
+        ));
+    }
+    (records, expected)
+}
+
+async fn assert_sums(env: &TestEnv, expected: &HashMap<String, (i64, i64)>) {
+    for (customer, (sum, count)) in expected {
+        let s = wait_state(env, "customers", customer, |s| {
+            s["state"]["charges"].as_i64() >= Some(*count)
+        })
+        .await;
+        assert_eq!(
+            s["state"]["charges"].as_i64(),
+            Some(*count),
+            "{customer}: count"
+        );
+        assert_eq!(
+            s["state"]["total_charged"].as_i64(),
+            Some(*sum),
+            "{customer}: sum"
+        );
+    }
+}
+
+async fn applied(env: &TestEnv) -> f64 {
+    metric(
+        &env.processor_url(),
+        "hooklog_processor_applied_events_total",
+        &["customers"],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    let env = TestEnv::new("proc-kill");
+    env.create_topics();
+    let (records, expected) = charge_stream(&env, 10_000, 40);
+    kafka::produce_all(
+        &kafka::producer(&env.brokers),
+        &env.topic("stripe"),
+        &records,
+    )
+    .await;
+    let mut processor = env.processor();
+    eventually(
+        "some progress before the kill",
+        Duration::from_secs(120),
+        || async { (applied(&env).await >= 2000.0).then_some(()) },
+    )
+    .await;
+    processor.kill();
+    let _processor = env.processor();
+    assert_sums(&env, &expected).await;
+}
+
+#[tokio::test]
+async fn redis_outage_pauses_and_resumes_without_loss() {
+    let mut stack = Stack::start();
+    let env = TestEnv::on(
+        "proc-redis",
+        &stack.brokers,
+        &stack.redis_url,
+        "[processor]\nbatch_size = 100",
+    );
+    env.create_topics();
+    let (records, expected) = charge_stream(&env, 5000, 20);
+    let mut processor = env.processor();
+    let producer = kafka::producer(&env.brokers);
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[..2500]).await;
+    eventually("progress", Duration::from_secs(60), || async {
+        (applied(&env).await >= 500.0).then_some(())
+    })
+    .await;
+
+    stack.redis.as_mut().unwrap().terminate();
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[2500..]).await;
+    let ready = format!("{}/readyz", env.processor_url());
+    eventually(
+        "readyz reports the pause",
+        Duration::from_secs(30),
+        || async { get_json(&ready).await.is_none().then_some(()) },
+    )
+    .await;
+    assert!(
+        metric(
+            &env.processor_url(),
+            "hooklog_processor_transient_retries_total",
+            &["redis"]
+        )
+        .await
+            >= 1.0
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.redis.as_mut().unwrap().start();
+    stack.wait_ready();
+    assert_sums(&env, &expected).await;
+    // Committed offsets never passed an unapplied record: a restart from
+    // them still ends exactly right.
+    processor.kill();
+    let _processor = env.processor();
+    assert_sums(&env, &expected).await;
+}
+
+#[tokio::test]
+async fn poison_records_go_to_the_dlq_and_do_not_block() {
+    let env = TestEnv::new("proc-dlq");
+    env.create_topics();
+    let customer = format!("cus_dlq{}", env.id.replace('-', ""));
+    let good = events::stripe_charge("evt_dlq_ok", "ch_dlq_ok", &customer, 500, 1_740_830_400);
+    let unmappable = events::stripe_charge("evt_dlq_bad", "ch_dlq_bad", &customer, 1, 1)
+        .replace("\"amount\":1", "\"amount\":\"lots\"")
+        .replace("\"id\":\"ch_dlq_bad\"", "\"idx\":\"none\"");
+    let key = format!("poison-{}", env.id);
+    let records = vec![
+        (key.clone(), b"\x00garbage, not avro".to_vec()),
+        (
+            key.clone(),
+            raw(
+                "stripe",
+                "stripe",
+                "evt_dlq_bad",
+                "charge.succeeded",
+                &unmappable,
+            )
+            .encode(),
+        ),
+        (
+            key.clone(),
+            raw("stripe", "stripe", "evt_dlq_ok", "charge.succeeded", &good).encode(),
+        ),
+    ];
+    kafka::produce_all(
+        &kafka::producer(&env.brokers),
+        &env.topic("stripe"),
+        &records,
+    )
+    .await;
+    let _processor = env.processor();
+    let s = wait_state(&env, "customers", &customer, |_| true).await;
+    assert_eq!(s["state"]["total_charged"], 500);
+    let dead = eventually("two dead letters", Duration::from_secs(30), || async {
+        let d: Vec<_> = kafka::read_all(&env.brokers, "hooklog.dlq")
+            .into_iter()
+            .filter(|r| r.key_str() == key)
+            .collect();
+        (d.len() >= 2).then_some(d)
+    })
+    .await;
+    assert_eq!(dead.len(), 2);
+    assert_eq!(
+        dead[0].value.as_deref(),
+        Some(&b"\x00garbage, not avro"[..]),
+        "original value kept"
+    );
+    assert!(dead[0]
+        .header("hooklog-dlq-reason")
+        .unwrap()
+        .contains("single-object"));
+    assert!(
+        dead[1]
+            .header("hooklog-dlq-reason")
+            .unwrap()
+            .contains("not a number"),
+        "{:?}",
+        dead[1].header("hooklog-dlq-reason")
+    );
+    assert_eq!(
+        dead[1].header("hooklog-dlq-topic"),
+        Some(env.topic("stripe"))
+    );
+    assert_eq!(
+        metric(
+            &env.processor_url(),
+            "hooklog_processor_dlq_records_total",
+            &[]
+        )
+        .await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn a_crash_between_apply_and_changelog_still_publishes_the_state() {
+    let env = TestEnv::new("proc-crash");
+    env.create_topics();
+    let customer = format!("cus_crash{}", env.id.replace('-', ""));
+    let body = events::stripe_charge("evt_crash_1", "ch_crash_1", &customer, 4200, 1_740_830_400);
+    kafka::produce_all(
+        &kafka::producer(&env.brokers),
+        &env.topic("stripe"),
+        &[(
+            "evt_crash_1".into(),
+            raw("stripe", "stripe", "evt_crash_1", "charge.succeeded", &body).encode(),
+        )],
+    )
+    .await;
+    let mut crashing = env.processor_service();
+    crashing.env("HOOKLOG_FAULT", "crash_before_changelog");
+    crashing.start();
+    assert!(
+        crashing.wait_exit(Duration::from_secs(60)),
+        "the fault hook did not fire"
+    );
+    // Redis has the state, the changelog does not.
+    let mut conn = env.redis();
+    let key = format!("{}{{customers}}:v1:e:{customer}", env.prefix);
+    let total: Option<String> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("total_charged")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(total.as_deref(), Some("4200"));
+    let in_changelog = || {
+        kafka::read_all(&env.brokers, "hooklog.state.customers")
+            .into_iter()
+            .filter(|r| r.key_str() == customer)
+            .count()
+    };
+    assert_eq!(in_changelog(), 0);
+
+    let _processor = env.processor();
+    eventually(
+        "changelog after redelivery",
+        Duration::from_secs(60),
+        || async { (in_changelog() > 0).then_some(()) },
+    )
+    .await;
+    let url = env.processor_url();
+    eventually(
+        "the redelivery was a duplicate",
+        Duration::from_secs(30),
+        || async {
+            (metric(
+                &url,
+                "hooklog_processor_duplicate_events_total",
+                &["customers"],
+            )
+            .await
+                == 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let s = state(&env, "customers", &customer).await.unwrap();
+    assert_eq!(s["state"]["total_charged"], 4200, "applied once");
+    let _ = shared_stack();
+}
