@@ -131,8 +131,7 @@ async fn seed_scenarios_from_webhook_to_read_api_and_changelog() {
                 .into_iter()
                 .filter(|r| r.key_str() == customer)
                 .map(|r| serde_json::from_slice::<Value>(r.value.as_deref().unwrap()).unwrap())
-                .filter(|v| v["state"]["charges"] == 1 && v["state"]["email"].is_string())
-                .last()
+                .rfind(|v| v["state"]["charges"] == 1 && v["state"]["email"].is_string())
         },
     )
     .await;
@@ -181,12 +180,13 @@ async fn a_provider_retrying_five_times_is_applied_once() {
     assert_eq!(cust["state"]["charges"], 1);
 }
 
+/// Records to produce (key, value).
+type Records = Vec<(String, Vec<u8>)>;
+/// Expected (sum, count) per customer.
+type Expected = HashMap<String, (i64, i64)>;
+
 /// Charges for `customers` customers, `n` events; returns expected sums.
-fn charge_stream(
-    env: &TestEnv,
-    n: usize,
-    customers: usize,
-) -> (Vec<(String, Vec<u8>)>, HashMap<String, (i64, i64)>) {
+pub fn charge_stream(env: &TestEnv, n: usize, customers: usize) -> (Records, Expected) {
     let mut records = Vec::with_capacity(n);
     let mut expected: HashMap<String, (i64, i64)> = HashMap::new();
     for i in 0..n {
