@@ -3,3 +3,4 @@
 mod foundation;
 mod ingest;
 mod processor;
+mod projection;
