@@ -103,7 +103,7 @@ pub async fn run(
                     &spec,
                     rebuild::Mode::Switch,
                     &metrics,
-                    false,
+                    rebuild::Options::default(),
                 )
                 .await
                 {

@@ -50,6 +50,9 @@ enum Command {
         /// Seconds to keep the old version for in-flight readers before deleting it.
         #[arg(long, default_value_t = 30)]
         grace_secs: u64,
+        /// Throttle the replay to this many records per second.
+        #[arg(long)]
+        max_records_per_sec: Option<u64>,
     },
     /// Rebuild into a scratch version and compare it with the live one;
     /// exits 1 on any difference.
@@ -91,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Rebuild {
             projection,
             grace_secs,
+            max_records_per_sec,
         } => {
             let (store, spec) = prepare(&config, &projection).await?;
             let metrics = Arc::new(Metrics::default());
@@ -100,7 +104,10 @@ async fn main() -> anyhow::Result<()> {
                 &spec,
                 rebuild::Mode::Switch,
                 &metrics,
-                true,
+                rebuild::Options {
+                    progress: true,
+                    max_records_per_sec,
+                },
             )
             .await?;
             println!(
@@ -127,7 +134,10 @@ async fn main() -> anyhow::Result<()> {
                 &spec,
                 rebuild::Mode::Verify,
                 &metrics,
-                true,
+                rebuild::Options {
+                    progress: true,
+                    ..Default::default()
+                },
             )
             .await?;
             for (key, diff) in &r.differences {

@@ -40,6 +40,16 @@ pub enum Mode {
     Verify,
 }
 
+/// How a replay runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Print a progress line (done / total, rate, ETA) to stderr.
+    pub progress: bool,
+    /// Throttle the replay (records per second) to spare a busy Redis or
+    /// broker; `None` runs as fast as they allow.
+    pub max_records_per_sec: Option<u64>,
+}
+
 /// The outcome of a rebuild or verify.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -55,7 +65,7 @@ pub struct Report {
     pub differences: Vec<(String, String)>,
 }
 
-const LOCK_TTL_SECS: u64 = 30;
+const LOCK_TTL_SECS: u64 = 10;
 
 /// Runs a rebuild or verify of `spec`.
 pub async fn run(
@@ -64,7 +74,7 @@ pub async fn run(
     spec: &ProjectionSpec,
     mode: Mode,
     metrics: &Arc<Metrics>,
-    progress: bool,
+    options: Options,
 ) -> anyhow::Result<Report> {
     let name = spec.name.as_str();
     let mut conn = store.connection();
@@ -122,7 +132,7 @@ pub async fn run(
             }
         }
     });
-    let result = replay(config, store, spec, version, metrics, progress).await;
+    let result = replay(config, store, spec, version, metrics, options).await;
     let mut report = Report {
         version,
         previous,
@@ -267,6 +277,25 @@ async fn differs(
     }))
 }
 
+/// Watermarks, retried: a busy broker may time out once or twice.
+fn watermarks(
+    consumer: &StreamConsumer,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<(i64, i64)> {
+    let mut attempt = 0;
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok(w) => return Ok(w),
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                warn!(topic, partition, error = %e, attempt, "Watermark request failed; retrying.");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Replays every raw partition from the earliest offset up to the high
 /// watermark taken now, into `version` only. Returns records replayed.
 async fn replay(
@@ -275,7 +304,7 @@ async fn replay(
     spec: &ProjectionSpec,
     version: u64,
     metrics: &Arc<Metrics>,
-    progress: bool,
+    options: Options,
 ) -> anyhow::Result<u64> {
     let mut cfg = config.kafka.base();
     cfg.set(
@@ -283,12 +312,11 @@ async fn replay(
         format!("hooklog-rebuild-{}-{version}", spec.name),
     );
     cfg.set("enable.auto.commit", "false");
-    // Large fetches, short broker waits: bounded by throughput, not latency.
+    // Short broker waits: bounded by throughput, not latency (Tansu holds
+    // every fetch for the full wait). librdkafka's default fetch sizes.
     cfg.set("fetch.wait.max.ms", "10");
-    cfg.set("fetch.max.bytes", "104857600");
-    cfg.set("max.partition.fetch.bytes", "10485760");
     let consumer: StreamConsumer = config.kafka.finish(cfg).create()?;
-    let md = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+    let md = consumer.fetch_metadata(None, Duration::from_secs(30))?;
     let mut targets: HashMap<(String, i32), i64> = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     let mut total: i64 = 0;
@@ -297,7 +325,7 @@ async fn replay(
             anyhow::bail!("raw topic {topic} does not exist");
         };
         for p in t.partitions() {
-            let (low, high) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+            let (low, high) = watermarks(&consumer, &topic, p.id())?;
             if high > low {
                 total += high - low;
                 targets.insert((topic.clone(), p.id()), high);
@@ -312,7 +340,9 @@ async fn replay(
     let started = Instant::now();
     let mut last_print = Instant::now();
     let mut done: u64 = 0;
-    let batch_size = 5000;
+    let batch_size = options
+        .max_records_per_sec
+        .map_or(5000, |r| (r as usize / 10).clamp(1, 5000));
     while !targets.is_empty() {
         let mut batch: Vec<Record> = Vec::with_capacity(batch_size);
         let first = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
@@ -356,7 +386,15 @@ async fn replay(
             }
         }
         metrics.rebuild_progress(&spec.name, done as i64);
-        if progress && (last_print.elapsed() >= Duration::from_secs(1) || targets.is_empty()) {
+        if let Some(rate) = options.max_records_per_sec.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64(done as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if options.progress
+            && (last_print.elapsed() >= Duration::from_secs(1) || targets.is_empty())
+        {
             last_print = Instant::now();
             let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
             let left = (total as f64 - done as f64).max(0.0);

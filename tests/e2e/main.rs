@@ -4,3 +4,4 @@ mod foundation;
 mod ingest;
 mod processor;
 mod projection;
+mod rebuild;

@@ -1,0 +1,393 @@
+//! Rebuild and verify end to end: state restored after FLUSHALL, rebuild
+//! under live traffic, a definition change filling history, corruption
+//! detected, and a rebuild killed half-way leaving readers untouched.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hooklog_e2e::events::{self, raw};
+use hooklog_e2e::sign::{self, now};
+use hooklog_e2e::{eventually, get_json, kafka, metric, secret, Service, Stack, TestEnv};
+use serde_json::Value;
+
+use crate::ingest::post;
+use crate::processor::charge_stream;
+
+/// Every entity of a projection as the read API serves it (minus version).
+async fn snapshot(env: &TestEnv, projection: &str) -> BTreeMap<String, Value> {
+    let mut conn = env.redis();
+    let current: Option<u64> = redis::cmd("GET")
+        .arg(format!("{}{{{projection}}}:current", env.prefix))
+        .query(&mut conn)
+        .unwrap();
+    let prefix = format!(
+        "{}{{{projection}}}:v{}:e:",
+        env.prefix,
+        current.unwrap_or(1)
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut conn)
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for k in keys {
+        let key = k.strip_prefix(&prefix).unwrap().to_owned();
+        let mut v = get_json(&format!(
+            "{}/v1/projections/{projection}/{key}",
+            env.processor_url()
+        ))
+        .await
+        .unwrap();
+        v.as_object_mut().unwrap().remove("version");
+        out.insert(key, v);
+    }
+    out
+}
+
+async fn wait_applied(env: &TestEnv, projection: &str, n: f64) {
+    let url = env.processor_url();
+    let label = format!("projection=\"{projection}\"");
+    eventually(
+        &format!("{n} applied to {projection}"),
+        Duration::from_secs(120),
+        || async {
+            (metric(&url, "hooklog_processor_applied_events_total", &[&label]).await >= n)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Orders (via ingest) and charges for customers who signed up (direct).
+async fn load(env: &TestEnv, orders: usize, charges: usize) {
+    let mut records = Vec::new();
+    for c in 0..20 {
+        let customer = format!("cus_{}_{c}", env.id.replace('-', ""));
+        let body = events::customer_signed_up(
+            &format!("evt_su_{}_{c}", env.id),
+            &customer,
+            &format!("c{c}@example.com"),
+        );
+        records.push((
+            customer.clone(),
+            raw(
+                "accounts",
+                "hmac-sha256",
+                &format!("evt_su_{}_{c}", env.id),
+                "customer.signed_up",
+                &body,
+            )
+            .encode(),
+        ));
+    }
+    kafka::produce_all(
+        &kafka::producer(&env.brokers),
+        &env.topic("accounts"),
+        &records,
+    )
+    .await;
+    let (charge_records, _) = charge_stream(env, charges, 20);
+    kafka::produce_all(
+        &kafka::producer(&env.brokers),
+        &env.topic("stripe"),
+        &charge_records,
+    )
+    .await;
+    for i in 0..orders {
+        let body = format!(
+            r#"{{"event_type":"order.shipped","order_id":"ORD-{}-{}","shipping_carrier":"UPS","tracking_number":"1Z{i:08}","shipped_at":"2025-03-01T12:{:02}:00Z"}}"#,
+            env.id,
+            i % 50,
+            i % 60
+        );
+        let headers = sign::headers(
+            "hmac-sha256",
+            secret("fulfillment"),
+            body.as_bytes(),
+            now(),
+            "",
+        );
+        assert_eq!(
+            post(env, "fulfillment", &headers, body.into_bytes())
+                .await
+                .status,
+            200
+        );
+    }
+}
+
+fn rebuild(env: &TestEnv, projection: &str) -> String {
+    let (ok, out) =
+        env.processor_cmd(&["rebuild", "--projection", projection, "--grace-secs", "0"]);
+    assert!(ok, "rebuild {projection} failed: {out}");
+    out
+}
+
+#[tokio::test]
+async fn flushall_then_rebuild_restores_identical_state() {
+    let stack = Stack::start();
+    let env = TestEnv::on("rb-flush", &stack.brokers, &stack.redis_url, "");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let mut processor = env.processor();
+    load(&env, 300, 3000).await;
+    wait_applied(&env, "customers", 3020.0).await;
+    wait_applied(&env, "orders", 300.0).await;
+    let mut before = BTreeMap::new();
+    for p in ["orders", "charges", "customers"] {
+        before.insert(p, snapshot(&env, p).await);
+    }
+    assert_eq!(before["orders"].len(), 50);
+    assert_eq!(before["charges"].len(), 3000);
+    assert_eq!(before["customers"].len(), 20);
+
+    processor.kill();
+    let _: () = redis::cmd("FLUSHALL").query(&mut env.redis()).unwrap();
+    let _processor = env.processor();
+    for p in ["orders", "charges", "customers"] {
+        let out = rebuild(&env, p);
+        assert!(out.contains("records replayed"), "{out}");
+        assert!(out.contains("ETA"), "progress is shown: {out}");
+        assert_eq!(
+            snapshot(&env, p).await,
+            before[p],
+            "{p} differs after rebuild"
+        );
+    }
+}
+
+#[tokio::test]
+async fn rebuild_under_live_traffic_counts_every_event_once() {
+    // Own broker: Tansu's fetches slow down as its sqlite file grows, and
+    // tests running in parallel on one broker make that worse.
+    let stack = Stack::start();
+    let env = TestEnv::on("rb-live", &stack.brokers, &stack.redis_url, "");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _processor = env.processor();
+    load(&env, 0, 1500).await;
+    wait_applied(&env, "customers", 1520.0).await;
+
+    // Keep charges flowing through ingest during the rebuild.
+    let sender = {
+        let (url, id) = (env.ingest_url(), env.id.clone());
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for i in 0..150 {
+                let customer = format!("cus_{}_{}", id.replace('-', ""), i % 20);
+                let body = events::stripe_charge(
+                    &format!("evt_live_{id}_{i}"),
+                    &format!("ch_live_{id}_{i}"),
+                    &customer,
+                    1000 + i,
+                    now(),
+                );
+                let headers = sign::headers("stripe", secret("stripe"), body.as_bytes(), now(), "");
+                let mut req = reqwest::Client::new()
+                    .post(format!("{url}/webhooks/stripe"))
+                    .body(body);
+                for (k, v) in &headers {
+                    req = req.header(k, v);
+                }
+                assert_eq!(req.send().await.unwrap().status(), 200);
+                sent.push((customer, 1000 + i));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sent
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rebuilt = rebuild(&env, "customers");
+    assert!(rebuilt.contains("version 2 is current"), "{rebuilt}");
+    let sent = sender.await.unwrap();
+    assert!(sent.len() == 150);
+
+    // Aggregates count every event exactly once across the switch.
+    let (_, expected) = charge_stream(&env, 1500, 20);
+    let mut mine = expected.clone();
+    for (customer, amount) in &sent {
+        let e = mine.get_mut(customer).unwrap();
+        e.0 += amount;
+        e.1 += 1;
+    }
+    for (customer, (sum, count)) in &mine {
+        let s = eventually("customer state", Duration::from_secs(30), || async {
+            get_json(&format!(
+                "{}/v1/projections/customers/{customer}",
+                env.processor_url()
+            ))
+            .await
+            .filter(|s| s["state"]["charges"].as_i64() >= Some(*count))
+        })
+        .await;
+        assert_eq!(s["version"], 2);
+        assert_eq!(s["state"]["charges"].as_i64(), Some(*count), "{customer}");
+        assert_eq!(
+            s["state"]["total_charged"].as_i64(),
+            Some(*sum),
+            "{customer}"
+        );
+    }
+    let (ok, out) = env.processor_cmd(&["verify", "--projection", "customers"]);
+    assert!(ok, "verify found differences: {out}");
+    assert!(out.contains("20 entities compared, 0 differences"), "{out}");
+}
+
+#[tokio::test]
+async fn a_new_field_is_filled_from_history_and_corruption_is_detected() {
+    let stack = Stack::start();
+    let env = TestEnv::on("rb-field", &stack.brokers, &stack.redis_url, "");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let mut processor = env.processor();
+    load(&env, 100, 0).await;
+    wait_applied(&env, "orders", 100.0).await;
+    let key = format!("ORD-{}-7", env.id);
+    let before = get_json(&format!(
+        "{}/v1/projections/orders/{key}",
+        env.processor_url()
+    ))
+    .await
+    .unwrap();
+    assert!(before["state"].get("tracking").is_none());
+
+    // The operator changes the definition, rolls the processors, rebuilds.
+    env.write_config(&env.projections_toml(true));
+    processor.terminate();
+    let _processor = env.processor();
+    rebuild(&env, "orders");
+    let after = get_json(&format!(
+        "{}/v1/projections/orders/{key}",
+        env.processor_url()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        after["state"]["tracking"], after["state"]["tracking_number"],
+        "historical entity got the new field"
+    );
+    assert!(after["state"]["tracking"].is_string());
+
+    let (ok, out) = env.processor_cmd(&["verify", "--projection", "orders"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("50 entities compared, 0 differences"), "{out}");
+
+    // Corrupt one live entity: verify must notice and fail.
+    let mut conn = env.redis();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}{{orders}}:v2:e:{key}", env.prefix))
+        .arg("shipping_carrier")
+        .arg("\"Pigeon\"")
+        .query(&mut conn)
+        .unwrap();
+    let (ok, out) = env.processor_cmd(&["verify", "--projection", "orders"]);
+    assert!(!ok, "verify missed the corruption: {out}");
+    assert!(out.contains(&format!("DIFF orders/{key}")), "{out}");
+    assert!(out.contains("1 differences"), "{out}");
+    // The scratch version is gone.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}{{orders}}:v3:*", env.prefix))
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        keys.is_empty(),
+        "scratch version left behind: {}",
+        keys.len()
+    );
+}
+
+#[tokio::test]
+async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
+    let stack = Stack::start();
+    let env = TestEnv::on("rb-kill", &stack.brokers, &stack.redis_url, "");
+    env.create_topics();
+    let _processor = env.processor();
+    let (records, expected) = charge_stream(&env, 3000, 20);
+    kafka::produce_all(
+        &kafka::producer(&env.brokers),
+        &env.topic("stripe"),
+        &records,
+    )
+    .await;
+    wait_applied(&env, "customers", 3000.0).await;
+    let before = snapshot(&env, "customers").await;
+
+    let mut envs: Vec<(String, String)> = hooklog_e2e::SECRETS
+        .iter()
+        .map(|(s, _, k)| (format!("E2E_SECRET_{}", s.to_uppercase()), k.to_string()))
+        .collect();
+    envs.push((
+        "HOOKLOG_CONFIG".into(),
+        env.config_path.display().to_string(),
+    ));
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut rebuilder = Service::new(
+        "rebuild",
+        hooklog_e2e::bin("hooklog-processor"),
+        // Throttled so the kill lands half-way (about 6 s in all).
+        &["rebuild", "--projection", "customers", "--grace-secs", "0", "--max-records-per-sec", "500"],
+        &envs,
+    );
+    rebuilder.start();
+    // Kill it as soon as it has started writing version 2.
+    let mut conn = env.redis();
+    let building = format!("{}{{customers}}:building", env.prefix);
+    let started = std::time::Instant::now();
+    loop {
+        let b: Option<u64> = redis::cmd("GET").arg(&building).query(&mut conn).unwrap();
+        if b == Some(2) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "rebuild never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    rebuilder.kill();
+    assert!(
+        !rebuilder.log_text().contains("is current"),
+        "the rebuild finished before the kill"
+    );
+
+    let current: Option<u64> = redis::cmd("GET")
+        .arg(format!("{}{{customers}}:current", env.prefix))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(current, None, "readers still on version 1");
+    assert_eq!(
+        snapshot(&env, "customers").await,
+        before,
+        "old version untouched"
+    );
+
+    // Run it again once the dead rebuild's lock expired: it completes.
+    let out = eventually("a second rebuild", Duration::from_secs(60), || async {
+        let (ok, out) =
+            env.processor_cmd(&["rebuild", "--projection", "customers", "--grace-secs", "0"]);
+        if ok {
+            Some(out)
+        } else {
+            assert!(out.contains("already running"), "{out}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            None
+        }
+    })
+    .await;
+    assert!(out.contains("3000 records replayed"), "{out}");
+    assert_eq!(snapshot(&env, "customers").await, before);
+    for (customer, (sum, _)) in &expected {
+        let s = get_json(&format!(
+            "{}/v1/projections/customers/{customer}",
+            env.processor_url()
+        ))
+        .await
+        .unwrap();
+        assert_eq!(s["state"]["total_charged"].as_i64(), Some(*sum));
+        assert_eq!(
+            s["version"], 3,
+            "the killed rebuild's version 2 was discarded"
+        );
+    }
+}
