@@ -241,7 +241,8 @@ async fn applied(env: &TestEnv) -> f64 {
 
 #[tokio::test]
 async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
-    let env = TestEnv::new("proc-kill");
+    let stack = Stack::start();
+    let env = TestEnv::on("proc-kill", &stack.brokers, &stack.redis_url, "");
     env.create_topics();
     let (records, expected) = charge_stream(&env, 10_000, 40);
     kafka::produce_all(

@@ -325,7 +325,15 @@ async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
         "rebuild",
         hooklog_e2e::bin("hooklog-processor"),
         // Throttled so the kill lands half-way (about 6 s in all).
-        &["rebuild", "--projection", "customers", "--grace-secs", "0", "--max-records-per-sec", "500"],
+        &[
+            "rebuild",
+            "--projection",
+            "customers",
+            "--grace-secs",
+            "0",
+            "--max-records-per-sec",
+            "500",
+        ],
         &envs,
     );
     rebuilder.start();
