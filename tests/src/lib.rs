@@ -60,10 +60,14 @@ pub fn free_port() -> u16 {
 pub fn run_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = root()
-            .join("target")
-            .join("e2e-run")
-            .join(std::process::id().to_string());
+        let base = root().join("target").join("e2e-run");
+        // Keep only this run's files: earlier runs' logs can be large.
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let d = base.join(std::process::id().to_string());
         std::fs::create_dir_all(&d).expect("run dir");
         d
     })
