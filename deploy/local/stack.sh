@@ -32,12 +32,14 @@ case "$cmd" in
   up)
     mkdir -p "$run_dir"
     if ! alive "$run_dir/redis.pid"; then
-      redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+      # setsid: a Ctrl-C in the terminal reaches only the binaries; `down`
+      # stops these after them, by pid.
+      setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
         --dir "$run_dir" --logfile "$run_dir/redis.log" --daemonize no &
       echo $! > "$run_dir/redis.pid"
     fi
     if ! alive "$run_dir/tansu.pid"; then
-      (cd "$run_dir" && exec "$tansu" broker \
+      (cd "$run_dir" && exec setsid "$tansu" broker \
         --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
         --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
         --storage-engine "sqlite://tansu.db" >"$run_dir/tansu.log" 2>&1) &

@@ -129,11 +129,19 @@ impl Pipeline {
             }
         }
         info!("Processor stopping: committing offsets.");
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            // Nothing stored yet is also reported as an error.
-            debug!(error = %e, "Final commit.");
+        // Bounded: with the broker gone a sync commit would wait for its
+        // socket timeout. Uncommitted offsets are only re-applied, idempotently.
+        let c = consumer.clone();
+        let commit = tokio::task::spawn_blocking(move || {
+            if let Err(e) = c.commit_consumer_state(CommitMode::Sync) {
+                // Nothing stored yet is also reported as an error.
+                debug!(error = %e, "Final commit.");
+            }
+            c.unsubscribe();
+        });
+        if tokio::time::timeout(Duration::from_secs(5), commit).await.is_err() {
+            warn!("Final offset commit timed out; the next owner re-applies those records idempotently.");
         }
-        consumer.unsubscribe();
         Ok(())
     }
 

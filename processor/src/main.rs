@@ -75,7 +75,16 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding {}", config.processor.listen))?;
             let shutdown = CancellationToken::new();
             tokio::spawn(wait_for_signal(shutdown.clone()));
-            hooklog_processor::run(config, listener, shutdown).await
+            let deadline = shutdown.clone();
+            tokio::select! {
+                r = hooklog_processor::run(config, listener, shutdown) => r,
+                _ = async { deadline.cancelled().await; tokio::time::sleep(Duration::from_secs(20)).await } => {
+                    // A consumer close can hang while the broker is gone;
+                    // offsets not committed are re-applied idempotently.
+                    eprintln!("hooklog-processor: shutdown took over 20 s; exiting");
+                    std::process::exit(0);
+                }
+            }
         }
         Command::CheckConfig => {
             println!(
