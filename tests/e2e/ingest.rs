@@ -311,7 +311,7 @@ async fn broker_down_answers_503_then_recovers_without_restart() {
     // The broker goes away behind a proxy: see hooklog_e2e::proxy for why
     // killing and restarting Tansu itself is not an option.
     let (stack, proxy) = Stack::start_behind_proxy();
-    let env = TestEnv::on("ingest-503", &stack.brokers, &stack.redis_url, "");
+    let env = TestEnv::on("ingest-503", &stack.brokers, &stack.redis_url, "[server]\nmax_in_flight = 1");
     env.create_topics();
     let _ingest = env.ingest();
     let (headers, body, _) = signed("fulfillment", "evt-before");
@@ -331,6 +331,21 @@ async fn broker_down_answers_503_then_recovers_without_restart() {
             started.elapsed()
         );
     }
+
+    // One request holds the only in-flight slot while the broker is away:
+    // a concurrent one is refused with 429 and Retry-After.
+    let (h1, b1, _) = signed("fulfillment", "evt-slot-1");
+    let (h2, b2, _) = signed("fulfillment", "evt-slot-2");
+    let first = post(&env, "fulfillment", &h1, b1);
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        post(&env, "fulfillment", &h2, b2).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first.status, 503);
+    assert_eq!(second.status, 429, "{}", second.json);
+    assert_eq!(second.json["error"], "too_many_requests");
+    assert_eq!(second.retry_after.as_deref(), Some("2"));
 
     proxy.up();
     let mut ok = false;
