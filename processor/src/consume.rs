@@ -19,7 +19,7 @@ use crate::changelog::Publisher;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::projection::spec::ProjectionSpec;
-use crate::projection::store::{Store, Target};
+use crate::projection::store::{EntityState, Store, Target};
 
 /// Shared health flags for `/readyz`.
 #[derive(Default)]
@@ -139,7 +139,10 @@ impl Pipeline {
             }
             c.unsubscribe();
         });
-        if tokio::time::timeout(Duration::from_secs(5), commit).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), commit)
+            .await
+            .is_err()
+        {
             warn!("Final offset commit timed out; the next owner re-applies those records idempotently.");
         }
         Ok(())
@@ -196,20 +199,27 @@ impl Pipeline {
             warn!("Fault hook: exiting between apply and changelog.");
             std::process::exit(86);
         }
+        // One changelog record per entity per batch: its state after the
+        // batch (apply results come back in order, so the last one wins).
+        // Compaction keeps only the latest per key anyway, and this divides
+        // the changelog writes by the events per entity per batch.
         let mut states = Vec::with_capacity(results.len());
+        let mut slot: HashMap<(String, String), usize> = HashMap::new();
         for (res, (_, _, idx)) in results.into_iter().zip(&plan.updates) {
             self.metrics.applied(&res.state.projection, res.applied);
             // Duplicates re-emit the current state too: if a previous run
             // died between apply and changelog, this is the delivery.
-            states.push((
-                res.state,
-                batch[*idx].header(headers::TRACEPARENT).map(<[u8]>::to_vec),
-            ));
+            let traceparent = batch[*idx].header(headers::TRACEPARENT).map(<[u8]>::to_vec);
+            let key = (res.state.projection.clone(), res.state.key.clone());
+            match slot.get(&key) {
+                Some(&i) => states[i] = (res.state, traceparent),
+                None => {
+                    slot.insert(key, states.len());
+                    states.push((res.state, traceparent));
+                }
+            }
         }
-        self.publisher
-            .states(&states)
-            .await
-            .map_err(|e| ("kafka", e.to_string()))?;
+        self.publish_states(states).await?;
         if !plan.poison.is_empty() {
             let dead: Vec<_> = plan
                 .poison
@@ -228,6 +238,48 @@ impl Pipeline {
         // Count DLQ metrics once, after success.
         for (_, reason, _) in &plan.poison {
             self.metrics.dead_lettered(reason);
+        }
+        Ok(())
+    }
+}
+
+impl Pipeline {
+    /// Publishes states, then makes sure the last changelog record of each
+    /// entity is its current state. Processors that share an entity (its
+    /// events are spread over partitions by event id) can publish out of
+    /// order: A applies S1, B applies S2 and publishes S2, then A publishes
+    /// S1. So after the acks each publisher re-reads its entities and
+    /// publishes again whatever changed meanwhile; the last publisher to
+    /// check always sees the final state. A crash before the check leaves
+    /// the batch uncommitted, and its redelivery re-emits the current state.
+    async fn publish_states(
+        &self,
+        mut states: Vec<(EntityState, Option<Vec<u8>>)>,
+    ) -> Result<(), (&'static str, String)> {
+        for _ in 0..10 {
+            if states.is_empty() {
+                return Ok(());
+            }
+            self.publisher
+                .states(&states)
+                .await
+                .map_err(|e| ("kafka", e.to_string()))?;
+            let keys: Vec<(&str, &str)> = states
+                .iter()
+                .map(|(s, _)| (s.projection.as_str(), s.key.as_str()))
+                .collect();
+            let now = self
+                .store
+                .read_many(&keys)
+                .await
+                .map_err(|e| ("redis", e.to_string()))?;
+            states = states
+                .into_iter()
+                .zip(now)
+                .filter_map(|((published, tp), current)| {
+                    current.filter(|c| *c != published).map(|c| (c, tp))
+                })
+                .collect();
         }
         Ok(())
     }

@@ -311,7 +311,12 @@ async fn broker_down_answers_503_then_recovers_without_restart() {
     // The broker goes away behind a proxy: see hooklog_e2e::proxy for why
     // killing and restarting Tansu itself is not an option.
     let (stack, proxy) = Stack::start_behind_proxy();
-    let env = TestEnv::on("ingest-503", &stack.brokers, &stack.redis_url, "[server]\nmax_in_flight = 1");
+    let env = TestEnv::on(
+        "ingest-503",
+        &stack.brokers,
+        &stack.redis_url,
+        "[server]\nmax_in_flight = 1",
+    );
     env.create_topics();
     let _ingest = env.ingest();
     let (headers, body, _) = signed("fulfillment", "evt-before");

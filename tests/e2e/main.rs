@@ -5,3 +5,4 @@ mod ingest;
 mod processor;
 mod projection;
 mod rebuild;
+mod scale;

@@ -619,6 +619,30 @@ name = "customers"
         s
     }
 
+    /// Starts one more ingest replica on `port` (same config otherwise).
+    pub fn ingest_on(&self, port: u16) -> Service {
+        let mut s = self.service("ingest", "hooklog-ingest", &[]);
+        s.env("HOOKLOG_SERVER__LISTEN", &format!("127.0.0.1:{port}"));
+        s.start();
+        wait_http_ok(
+            &format!("http://127.0.0.1:{port}/readyz"),
+            Duration::from_secs(30),
+        );
+        s
+    }
+
+    /// Starts one more processor replica (same group) on `port`.
+    pub fn processor_on(&self, port: u16) -> Service {
+        let mut s = self.processor_service();
+        s.env("HOOKLOG_PROCESSOR__LISTEN", &format!("127.0.0.1:{port}"));
+        s.start();
+        wait_http_ok(
+            &format!("http://127.0.0.1:{port}/readyz"),
+            Duration::from_secs(30),
+        );
+        s
+    }
+
     /// Ingest base URL.
     pub fn ingest_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.ingest_port)
@@ -645,6 +669,13 @@ fn merge_extra(mut text: String, extra: &str) -> String {
         if line.starts_with('[') {
             table = line.to_owned();
         } else {
+            // A key given again replaces the template's value.
+            let key = format!("{} =", line.split('=').next().unwrap_or_default().trim());
+            text = text
+                .lines()
+                .filter(|l| !l.starts_with(&key))
+                .map(|l| format!("{l}\n"))
+                .collect();
             let at = text.find(&format!("{table}\n")).expect("known table") + table.len() + 1;
             text.insert_str(at, &format!("{line}\n"));
         }

@@ -223,6 +223,41 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Reads the current state of many entities in two round trips.
+    pub async fn read_many(
+        &self,
+        entities: &[(&str, &str)],
+    ) -> Result<Vec<Option<EntityState>>, RedisError> {
+        let mut projections: Vec<&str> = entities.iter().map(|(p, _)| *p).collect();
+        projections.sort_unstable();
+        projections.dedup();
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for p in &projections {
+            pipe.get(self.current_key(p));
+        }
+        let versions: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        let version_of = |p: &str| {
+            let i = projections.iter().position(|x| *x == p).expect("listed");
+            versions[i].unwrap_or(1)
+        };
+        let mut pipe = redis::pipe();
+        for (p, k) in entities {
+            pipe.cmd("HGETALL")
+                .arg(format!("{}:e:{k}", self.version_prefix(p, version_of(p))));
+        }
+        let flats: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+        Ok(entities
+            .iter()
+            .zip(flats)
+            .map(|((p, k), flat)| {
+                (!flat.is_empty()).then(|| entity_state(p, k, version_of(p), flat))
+            })
+            .collect())
+    }
+}
+
 /// `<15-digit ms>|<event id>`: compares like `(time, id)`.
 pub fn clock(time_ms: i64, event_id: &str) -> String {
     format!("{:015}|{event_id}", time_ms.max(0))
