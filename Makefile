@@ -13,8 +13,7 @@ run: ## Install what is missing, start Redis + Tansu + both binaries (Ctrl-C sto
 test: ## Install what is missing, lint, then run unit and end-to-end tests
 	deploy/local/install.sh
 	$(MAKE) lint
-	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+	TEST_THREADS=$(TEST_THREADS) CARGO=$(CARGO) deploy/local/test.sh
 
 test-scale: ## The 3 x 3 replica test with kill -9 and SIGTERM (alone, ~3 min)
 	$(CARGO) build --workspace --bins

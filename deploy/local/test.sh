@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# `make test` after lint: builds the binaries the end-to-end tests spawn,
+# runs every unit and end-to-end test, and closes with one summary line.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+CARGO=${CARGO:-cargo}
+THREADS=${TEST_THREADS:-4}
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+$CARGO build --workspace --bins
+set +e
+$CARGO test --workspace -- --test-threads="$THREADS" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')
+echo
+echo "${passed} passed, ${failed} failed"
+exit "$status"
