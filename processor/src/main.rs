@@ -66,7 +66,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(args.log_format.as_deref());
+    hooklog_schemas::process::init_logging(args.log_format.as_deref());
     let config = Config::load(&args.config)?;
     match args.command.unwrap_or(Command::Run) {
         Command::Run => {
@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {}", config.processor.listen))?;
             let shutdown = CancellationToken::new();
-            tokio::spawn(wait_for_signal(shutdown.clone()));
+            tokio::spawn(hooklog_schemas::process::cancel_on_signal(shutdown.clone()));
             let deadline = shutdown.clone();
             tokio::select! {
                 r = hooklog_processor::run(config, listener, shutdown) => r,
@@ -185,36 +185,4 @@ async fn prepare(
     .await
     .context("connecting to Redis")?;
     Ok((store, spec))
-}
-
-async fn wait_for_signal(token: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    token.cancel();
-}
-
-fn init_logging(format: Option<&str>) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HOOKLOG_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let pretty = match format {
-        Some(f) => f == "pretty",
-        None => std::io::stdout().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if pretty {
-        builder.init();
-    } else {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init();
-    }
 }

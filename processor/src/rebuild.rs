@@ -173,33 +173,51 @@ pub async fn run(
     outcome.map(|_| report)
 }
 
-/// Deletes every key of one version, in SCAN batches with UNLINK.
-pub async fn delete_version(store: &Store, projection: &str, version: u64) -> anyhow::Result<u64> {
+/// Calls `each` with every batch of keys matching `pattern`, using SCAN
+/// (never KEYS, which would block Redis on a large keyspace).
+async fn scan_batches<F, Fut>(store: &Store, pattern: &str, mut each: F) -> anyhow::Result<()>
+where
+    F: FnMut(Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let mut conn = store.connection();
-    let pattern = format!("{}:*", store.version_prefix(projection, version));
     let mut cursor: u64 = 0;
-    let mut deleted = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(&pattern)
+            .arg(pattern)
             .arg("COUNT")
             .arg(1000)
             .query_async(&mut conn)
             .await?;
         if !keys.is_empty() {
-            deleted += keys.len() as u64;
+            each(keys).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes every key of one version, in SCAN batches with UNLINK.
+pub async fn delete_version(store: &Store, projection: &str, version: u64) -> anyhow::Result<u64> {
+    let pattern = format!("{}:*", store.version_prefix(projection, version));
+    let mut deleted = 0;
+    scan_batches(store, &pattern, |keys| {
+        deleted += keys.len() as u64;
+        let mut conn = store.connection();
+        async move {
             let _: () = redis::cmd("UNLINK")
                 .arg(&keys)
                 .query_async(&mut conn)
                 .await?;
+            Ok(())
         }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
-    }
+    })
+    .await?;
+    Ok(deleted)
 }
 
 /// Entity keys of one version.
@@ -208,29 +226,17 @@ async fn entity_keys(
     projection: &str,
     version: u64,
 ) -> anyhow::Result<BTreeSet<String>> {
-    let mut conn = store.connection();
     let prefix = format!("{}:e:", store.version_prefix(projection, version));
-    let pattern = format!("{prefix}*");
-    let mut cursor: u64 = 0;
     let mut out = BTreeSet::new();
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
+    scan_batches(store, &format!("{prefix}*"), |keys| {
         out.extend(
             keys.into_iter()
                 .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned)),
         );
-        if next == 0 {
-            return Ok(out);
-        }
-        cursor = next;
-    }
+        async { Ok(()) }
+    })
+    .await?;
+    Ok(out)
 }
 
 /// Compares two versions entity by entity. A difference is re-checked once

@@ -8,12 +8,14 @@
 //! - [`topics`]: topic naming;
 //! - [`kafka`]: the `[kafka]` config section and the librdkafka client config;
 //! - [`config`]: loading `hooklog.toml` with `HOOKLOG_*` env overrides;
-//! - [`trace`]: W3C `traceparent` parsing and generation.
+//! - [`trace`]: W3C `traceparent` parsing and generation;
+//! - [`process`]: logging set-up and the shutdown signal of both binaries.
 
 pub mod config;
 pub mod envelope;
 pub mod headers;
 pub mod kafka;
+pub mod process;
 pub mod topics;
 pub mod trace;
 
