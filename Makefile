@@ -22,6 +22,7 @@ test-scale: ## The 3 x 3 replica test with kill -9 and SIGTERM (alone, ~3 min)
 lint: ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	deploy/local/lint-deploy.sh
 
 build: ## Release build of both binaries
 	$(CARGO) build --release --bins
