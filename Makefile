@@ -1,5 +1,5 @@
 # Hooklog. Logic lives in deploy/local/ scripts; targets stay thin.
-.PHONY: help run test test-scale lint build dev-up dev-down clean
+.PHONY: help run test test-scale bench lint build dev-up dev-down clean
 
 CARGO ?= cargo
 TEST_THREADS ?= 4
@@ -18,6 +18,11 @@ test: ## Install what is missing, lint, then run unit and end-to-end tests
 test-scale: ## The 3 x 3 replica test with kill -9 and SIGTERM (alone, ~3 min)
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p hooklog-e2e --test e2e scale -- --ignored --test-threads=1
+
+bench: ## Benchmarks side by side (BENCH_QUICK=1 for ~2 min); writes docs/benchmarks.md
+	deploy/local/install.sh
+	$(CARGO) build --release --workspace --bins
+	HOOKLOG_BIN_PROFILE=release TANSU_STORAGE=memory $(CARGO) run --release -q -p hooklog-e2e --bin hooklog-bench
 
 lint: ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all -- --check

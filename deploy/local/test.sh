@@ -12,6 +12,10 @@ $CARGO build --workspace --bins
 set +e
 $CARGO test --workspace -- --test-threads="$THREADS" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+if [ "$status" -eq 0 ]; then
+  # Benchmark harness smoke run (a few hundred requests, no thresholds).
+  BENCH_SMOKE=1 TANSU_STORAGE=memory $CARGO run -q -p hooklog-e2e --bin hooklog-bench || status=$?
+fi
 set -e
 passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')

@@ -38,7 +38,9 @@ pub fn bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
-    let p = target.join("debug").join(name);
+    // HOOKLOG_BIN_PROFILE=release for benchmarks.
+    let profile = std::env::var("HOOKLOG_BIN_PROFILE").unwrap_or_else(|_| "debug".into());
+    let p = target.join(profile).join(name);
     assert!(
         p.exists(),
         "{} is missing: run `cargo build --workspace --bins` first",
@@ -177,6 +179,27 @@ impl Service {
         self.signal_child("-KILL");
     }
 
+    /// The supervised process's pid, once started.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.cwd.join("pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Peak resident memory (VmHWM) in KiB, from /proc.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
     /// Sends a signal (e.g. `-TERM`) without waiting.
     pub fn send_signal(&self, sig: &str) {
         let pidfile = self.cwd.join("pid");
@@ -303,7 +326,13 @@ impl Stack {
                 "--advertised-listener-url",
                 &advertised_url,
                 "--storage-engine",
-                "sqlite://tansu.db",
+                // TANSU_STORAGE=memory only for benchmarks that read from
+                // the start of the log (DESIGN.md, "Local stack").
+                if std::env::var("TANSU_STORAGE").as_deref() == Ok("memory") {
+                    "memory://tansu/"
+                } else {
+                    "sqlite://tansu.db"
+                },
             ],
             &[],
         );

@@ -1,0 +1,367 @@
+//! `make bench`: Hooklog next to the limits of its parts, in one run on one
+//! machine, on Tansu (memory storage: every reader starts at the log's
+//! beginning) and Redis on loopback. Prints a table and writes
+//! `docs/benchmarks.md` and `bench/results/<timestamp>.json`.
+//!
+//! `BENCH_QUICK=1`: short runs; `BENCH_SMOKE=1`: a few hundred requests and
+//! records, no file written (run by `make test` so the harness cannot rot).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hooklog_e2e::events::{self, raw};
+use hooklog_e2e::{free_port, kafka, metric, secret, sign, Stack, TestEnv};
+use serde_json::json;
+
+struct Load {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    non_2xx: u64,
+    requests: u64,
+}
+
+/// Signed 1 KB generic-scheme bodies with unique event ids, `concurrency`
+/// workers, `duration` after a 1 s warm-up, to 127.0.0.1 only.
+async fn load(
+    url: String,
+    concurrency: usize,
+    duration: Duration,
+    max_requests: u64,
+    warmup: Duration,
+) -> Load {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    let warm_until = Instant::now() + warmup;
+    let end = warm_until + duration;
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let (client, url, sent) = (client.clone(), url.clone(), sent.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut lat, mut bad, mut n) = (Vec::new(), 0u64, 0u64);
+            let pad = "x".repeat(900);
+            loop {
+                let now = Instant::now();
+                if now >= end || sent.fetch_add(1, Ordering::Relaxed) >= max_requests {
+                    break;
+                }
+                n += 1;
+                let body = format!(
+                    r#"{{"event_id":"b-{w}-{n}-{}","event_type":"bench.event","pad":"{pad}"}}"#,
+                    now.elapsed().as_nanos()
+                );
+                let sig = sign::headers(
+                    "hmac-sha256",
+                    secret("fulfillment"),
+                    body.as_bytes(),
+                    sign::now(),
+                    "",
+                );
+                let started = Instant::now();
+                let ok = client
+                    .post(&url)
+                    .header(&sig[0].0, &sig[0].1)
+                    .body(body)
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false);
+                if started >= warm_until {
+                    lat.push(started.elapsed().as_micros() as u64);
+                    bad += u64::from(!ok);
+                }
+            }
+            (lat, bad)
+        }));
+    }
+    let (mut lat, mut bad) = (Vec::new(), 0);
+    for w in workers {
+        let (l, b) = w.await.unwrap();
+        lat.extend(l);
+        bad += b;
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    let measured = Instant::now()
+        .saturating_duration_since(warm_until)
+        .as_secs_f64()
+        .max(0.001);
+    Load {
+        rps: lat.len() as f64 / measured,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        non_2xx: bad,
+        requests: lat.len() as u64,
+    }
+}
+
+/// The physical HTTP limit: axum reading the body and answering 200.
+async fn bare_axum() -> u16 {
+    let port = free_port();
+    let app = axum::Router::new()
+        .fallback(|body: axum::body::Bytes| async move { format!("{}", body.len()) });
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+async fn wait_applied(url: &str, n: f64, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    while metric(
+        url,
+        "hooklog_processor_applied_events_total",
+        &["customers"],
+    )
+    .await
+        < n
+    {
+        assert!(
+            started.elapsed() < timeout,
+            "processor did not apply {n} events in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::main]
+async fn main() {
+    let smoke = std::env::var("BENCH_SMOKE").is_ok();
+    let quick = smoke || std::env::var("BENCH_QUICK").is_ok();
+    let duration = Duration::from_secs(if smoke {
+        1
+    } else if quick {
+        5
+    } else {
+        20
+    });
+    let max_requests = if smoke { 300 } else { u64::MAX };
+    let warmup = Duration::from_secs(if smoke { 0 } else { 1 });
+    let records: usize = if smoke {
+        2_000
+    } else if quick {
+        100_000
+    } else {
+        1_000_000
+    };
+    let started_at = chrono_like_now();
+    let stack = Stack::start();
+    let env = TestEnv::on(
+        "bench",
+        &stack.brokers,
+        &stack.redis_url,
+        "[processor]\npartitions = 6\nbatch_size = 2000",
+    );
+    env.create_topics();
+
+    // 1. Ingest (verified + acks=all) vs the bare HTTP limit.
+    let ingest = env.ingest();
+    let hooklog = load(
+        format!("{}/webhooks/fulfillment", env.ingest_url()),
+        64,
+        duration,
+        max_requests,
+        warmup,
+    )
+    .await;
+    let ingest_rss = ingest.peak_rss_kib().unwrap_or(0);
+    drop(ingest);
+    let port = bare_axum().await;
+    let bare = load(
+        format!("http://127.0.0.1:{port}/webhooks/fulfillment"),
+        64,
+        duration,
+        max_requests,
+        warmup,
+    )
+    .await;
+
+    // 2. The broker limit: the producer alone, same 1 KB records, many in flight.
+    let producer = kafka::producer(&env.brokers);
+    let payloads: Vec<(String, Vec<u8>)> = (0..records.min(200_000))
+        .map(|i| (format!("p-{i}"), vec![b'x'; 1024]))
+        .collect();
+    let t = Instant::now();
+    kafka::produce_all(&producer, &env.topic("github"), &payloads).await;
+    let producer_rps = payloads.len() as f64 / t.elapsed().as_secs_f64();
+
+    // 3. Processor from start to all applied, then the batch-size-1 baseline.
+    let customers = 1000;
+    let preload = |n: usize, tag: &str| -> Vec<(String, Vec<u8>)> {
+        (0..n)
+            .map(|i| {
+                let id = format!("evt_{tag}_{i}");
+                let body = events::stripe_charge(
+                    &id,
+                    &format!("ch_{tag}_{i}"),
+                    &format!("cus_{}", i % customers),
+                    100 + i as i64 % 900,
+                    1_740_000_000 + i as i64,
+                );
+                (
+                    id.clone(),
+                    raw("stripe", "stripe", &id, "charge.succeeded", &body).encode(),
+                )
+            })
+            .collect()
+    };
+    kafka::produce_all(&producer, &env.topic("stripe"), &preload(records, "a")).await;
+    let mut processor = env.processor();
+    let proc_time = wait_applied(
+        &env.processor_url(),
+        records as f64,
+        Duration::from_secs(1800),
+    )
+    .await;
+    let proc_rss = processor.peak_rss_kib().unwrap_or(0);
+    let proc_rate = records as f64 / proc_time.as_secs_f64();
+
+    // 4. Rebuild of the same records into a new version.
+    let t = Instant::now();
+    let (ok, out) =
+        env.processor_cmd(&["rebuild", "--projection", "customers", "--grace-secs", "0"]);
+    assert!(ok, "rebuild failed: {out}");
+    let rebuild_rate = records as f64 / t.elapsed().as_secs_f64();
+    processor.kill();
+
+    let naive_records = (records / 20).max(500);
+    let naive = TestEnv::on(
+        "bench-naive",
+        &stack.brokers,
+        &stack.redis_url,
+        "[processor]\npartitions = 6\nbatch_size = 1",
+    );
+    naive.create_topics();
+    kafka::produce_all(
+        &producer,
+        &naive.topic("stripe"),
+        &preload(naive_records, "b"),
+    )
+    .await;
+    let _naive_proc = naive.processor();
+    let naive_time = wait_applied(
+        &naive.processor_url(),
+        naive_records as f64,
+        Duration::from_secs(1800),
+    )
+    .await;
+    let naive_rate = naive_records as f64 / naive_time.as_secs_f64();
+
+    let rows = vec![
+        (
+            "ingest → Tansu (verified, acks=all), req/s",
+            hooklog.rps,
+            "≥ 0.8 × producer alone".to_string(),
+        ),
+        (
+            "bare axum (read body, 200), req/s",
+            bare.rps,
+            "HTTP limit".into(),
+        ),
+        (
+            "rdkafka producer alone (1 KB, many in flight), msg/s",
+            producer_rps,
+            "broker limit".into(),
+        ),
+        (
+            "processor, events/s (batch 2000)",
+            proc_rate,
+            "≥ 50,000 and ≥ 10 × batch 1".into(),
+        ),
+        (
+            "processor, events/s (batch 1)",
+            naive_rate,
+            "naive baseline".into(),
+        ),
+        ("rebuild, events/s", rebuild_rate, "≥ 100,000".into()),
+    ];
+    let mut table = String::from("| measure | value | target / role |\n|---|---:|---|\n");
+    for (name, v, target) in &rows {
+        table.push_str(&format!("| {name} | {v:.0} | {target} |\n"));
+    }
+    table.push_str(&format!(
+        "| ingest latency at concurrency 64, ms | p50 {:.2} / p99 {:.2} / p99.9 {:.2} | p99 ≤ 50 |\n| ingest non-2xx | {} of {} | 0 |\n| peak RSS ingest / processor, MiB | {:.1} / {:.1} | ingest ≤ 64 |\n",
+        hooklog.p50_ms, hooklog.p99_ms, hooklog.p999_ms, hooklog.non_2xx, hooklog.requests, ingest_rss as f64 / 1024.0, proc_rss as f64 / 1024.0
+    ));
+    table.push_str(&format!(
+        "| ratios | ingest / producer {:.2}, ingest / bare axum {:.2}, processor / batch-1 {:.1} | |\n",
+        hooklog.rps / producer_rps,
+        hooklog.rps / bare.rps,
+        proc_rate / naive_rate
+    ));
+    println!("{table}");
+    if smoke {
+        return;
+    }
+    let machine = format!(
+        "{} cores, {} MiB memory, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m.lines().next().and_then(|l| l
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()))
+            .unwrap_or(0)
+            / 1024,
+        String::from_utf8_lossy(
+            &std::process::Command::new("rustc")
+                .arg("--version")
+                .output()
+                .map(|o| o.stdout)
+                .unwrap_or_default()
+        )
+        .trim()
+    );
+    let mode = if quick {
+        "BENCH_QUICK=1 (5 s loads, 100,000 records)"
+    } else {
+        "full (20 s loads, 1,000,000 records)"
+    };
+    let doc = format!(
+        "# Benchmarks\n\nWritten by `make bench` on {started_at}; mode: {mode}.\n\nMachine: {machine}. Broker: Tansu 0.6.0, memory storage (every reader starts at the beginning of the log), Redis (Debian) on loopback; release builds.\n\nCommand: `make bench` (`BENCH_QUICK=1 make bench` for a short run).\n\n{table}\nNot measured yet: the seed-style Flask receiver baseline (gunicorn + confluent-kafka). Absolute figures on a shared 2-core machine are noisy; compare the ratios, measured side by side in one run. The load generator runs on the same 2 cores as everything it measures.\n"
+    );
+    std::fs::write(hooklog_e2e::root().join("docs/benchmarks.md"), doc).unwrap();
+    let raw = json!({
+        "date": started_at, "mode": mode, "machine": machine,
+        "ingest": {"rps": hooklog.rps, "p50_ms": hooklog.p50_ms, "p99_ms": hooklog.p99_ms, "p999_ms": hooklog.p999_ms, "non_2xx": hooklog.non_2xx, "peak_rss_kib": ingest_rss},
+        "bare_axum_rps": bare.rps, "producer_msgs_per_s": producer_rps,
+        "processor": {"events_per_s": proc_rate, "batch1_events_per_s": naive_rate, "peak_rss_kib": proc_rss, "records": records},
+        "rebuild_events_per_s": rebuild_rate,
+    });
+    let dir = hooklog_e2e::root().join("bench/results");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{}.json", started_at.replace(':', "-"))),
+        serde_json::to_string_pretty(&raw).unwrap(),
+    )
+    .unwrap();
+}
+
+fn chrono_like_now() -> String {
+    String::from_utf8_lossy(
+        &std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default(),
+    )
+    .trim()
+    .to_owned()
+}
