@@ -48,6 +48,12 @@ pub fn consumer(config: &Config) -> Result<StreamConsumer, KafkaError> {
     // RSS measured in `make bench`); a few batches ahead is enough.
     cfg.set("queued.max.messages.kbytes", "8192");
     cfg.set("session.timeout.ms", "10000");
+    // Also the rebalance timeout: how long a rebalance waits for members to
+    // rejoin. Tansu 0.6.0 was seen holding a new member for over a minute
+    // after another was killed -9; 30 s bounds that. The loop polls far more
+    // often, except while it retries a batch through an outage, after which
+    // it simply rejoins.
+    cfg.set("max.poll.interval.ms", "30000");
     cfg.set("heartbeat.interval.ms", "1000");
     let consumer: StreamConsumer = kafka.finish(cfg).create()?;
     let topics = config.raw_topics();

@@ -36,7 +36,7 @@ async fn wait_state(
 ) -> Value {
     eventually(
         &format!("{projection}/{key}"),
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || async { state(env, projection, key).await.filter(|s| ok(s)) },
     )
     .await
