@@ -44,9 +44,6 @@ pub fn consumer(config: &Config) -> Result<StreamConsumer, KafkaError> {
     cfg.set("auto.offset.reset", "earliest");
     // Brokers such as Tansu hold a fetch for the full wait: keep it short.
     cfg.set("fetch.wait.max.ms", "50");
-    // librdkafka prefetches up to 64 MiB per partition by default (201 MiB
-    // RSS measured in `make bench`); a few batches ahead is enough.
-    cfg.set("queued.max.messages.kbytes", "8192");
     cfg.set("session.timeout.ms", "10000");
     // Also the rebalance timeout: how long a rebalance waits for members to
     // rejoin. Tansu 0.6.0 was seen holding a new member for over a minute

@@ -321,7 +321,6 @@ async fn replay(
     // Short broker waits: bounded by throughput, not latency (Tansu holds
     // every fetch for the full wait). librdkafka's default fetch sizes.
     cfg.set("fetch.wait.max.ms", "10");
-    cfg.set("queued.max.messages.kbytes", "16384");
     let consumer: StreamConsumer = config.kafka.finish(cfg).create()?;
     let md = consumer.fetch_metadata(None, Duration::from_secs(30))?;
     let mut targets: HashMap<(String, i32), i64> = HashMap::new();
