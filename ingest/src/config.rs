@@ -153,18 +153,16 @@ pub struct EventIdConfig {
 impl Config {
     /// Loads `path` plus `HOOKLOG_*` overrides, then validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let cfg: Self = hooklog_schemas::config::load(path)?;
-        cfg.validate()?;
-        Ok(cfg)
+        hooklog_schemas::config::load_valid(path)
     }
 
-    /// Parses TOML text and validates (tests).
+    /// Parses TOML text and validates.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = hooklog_schemas::config::from_str(text)?;
-        cfg.validate()?;
-        Ok(cfg)
+        hooklog_schemas::config::from_str_valid(text)
     }
+}
 
+impl hooklog_schemas::config::Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
         self.server

@@ -135,18 +135,16 @@ pub struct SourceRef {
 impl Config {
     /// Loads `path` plus `HOOKLOG_*` overrides, then validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let cfg: Self = hooklog_schemas::config::load(path)?;
-        cfg.validate()?;
-        Ok(cfg)
+        hooklog_schemas::config::load_valid(path)
     }
 
     /// Parses TOML text and validates.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = hooklog_schemas::config::from_str(text)?;
-        cfg.validate()?;
-        Ok(cfg)
+        hooklog_schemas::config::from_str_valid(text)
     }
+}
 
+impl hooklog_schemas::config::Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.processor.batch_size == 0 {
             return Err(ConfigError("processor.batch_size must be > 0".into()));
@@ -173,7 +171,9 @@ impl Config {
         }
         Ok(())
     }
+}
 
+impl Config {
     /// The raw topics to consume.
     pub fn raw_topics(&self) -> Vec<String> {
         let mut t: Vec<String> = self

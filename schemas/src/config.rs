@@ -21,6 +21,26 @@ pub const ENV_TABLES: &[&str] = &["server", "kafka", "processor", "redis"];
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(pub String);
 
+/// A config section that checks what serde cannot (ranges, cross-references).
+pub trait Validate {
+    /// Errors name the field.
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// [`load`], then [`Validate::validate`].
+pub fn load_valid<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigError> {
+    let cfg: T = load(path)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// [`from_str`], then [`Validate::validate`].
+pub fn from_str_valid<T: DeserializeOwned + Validate>(text: &str) -> Result<T, ConfigError> {
+    let cfg: T = from_str(text)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
 /// Loads and deserializes the config file at `path` plus env overrides.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     if !path.exists() {
