@@ -2,6 +2,7 @@
 # Installs what the local stack needs, idempotently:
 #   - Debian's redis-server (apt-get when absent),
 #   - curl and openssl (used by the example sender),
+#   - Debian's prometheus package for promtool (alert rule checks),
 #   - the Tansu broker into .tools/bin (cargo install, ~12 min once on 2
 #     cores; reused from ~/.cache/hooklog/tansu-0.6.0 when present).
 set -euo pipefail
@@ -14,12 +15,14 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# promtool validates deploy/monitoring/alerts.yaml (make lint).
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install: apt-get install ${need_apt[*]}"
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
 tansu="$root/.tools/bin/tansu"
