@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: installs what is missing, starts Redis + Tansu, creates the
-# topics, generates dev secrets, starts hooklog-ingest and hooklog-processor
+# topics, generates dev secrets, starts hooklog-ingest, hooklog-processor and
+# the deliverer (hooklog-processor deliver)
 # with deploy/local/hooklog.toml, and stops everything it started on Ctrl-C.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -42,8 +43,11 @@ if [ ! -f "$run_dir/secrets.env" ]; then
     echo "SLACK_SIGNING_SECRET=$(openssl rand -hex 16)"
     echo "SHOPIFY_WEBHOOK_SECRET=$(openssl rand -hex 16)"
     echo "RESEND_WEBHOOK_SECRET=whsec_$(openssl rand -base64 24)"
+    echo "HOOKLOG_API_KEY=$(openssl rand -hex 24)"
   } > "$run_dir/secrets.env"
 fi
+# Checkouts from before the deliverer lack its API key.
+grep -q '^HOOKLOG_API_KEY=' "$run_dir/secrets.env" || echo "HOOKLOG_API_KEY=$(openssl rand -hex 24)" >> "$run_dir/secrets.env"
 set -a
 # shellcheck disable=SC1091
 . "$run_dir/secrets.env"
@@ -55,8 +59,10 @@ export HOOKLOG_CONFIG="$root/deploy/local/hooklog.toml"
 pids+=($!)
 "$bin/hooklog-ingest" >"$run_dir/ingest.log" 2>&1 &
 pids+=($!)
+"$bin/hooklog-processor" deliver >"$run_dir/deliverer.log" 2>&1 &
+pids+=($!)
 
-for url in http://127.0.0.1:8080/healthz http://127.0.0.1:8081/healthz; do
+for url in http://127.0.0.1:8080/healthz http://127.0.0.1:8081/healthz http://127.0.0.1:8082/healthz; do
   for _ in $(seq 1 100); do curl -fs "$url" >/dev/null 2>&1 && break; sleep 0.1; done
   curl -fs "$url" >/dev/null || { echo "run: $url did not answer; logs in $run_dir"; exit 1; }
 done
@@ -66,7 +72,8 @@ cat <<MSG
 Hooklog is running.
   ingest     http://127.0.0.1:8080/webhooks/{source}   (/healthz /readyz /metrics)
   processor  http://127.0.0.1:8081/v1/projections       (/healthz /readyz /metrics)
-  logs       $run_dir/ingest.log, $run_dir/processor.log
+  delivery   http://127.0.0.1:8082/api/v1/webhooks      (/healthz /readyz /metrics; Bearer \$HOOKLOG_API_KEY)
+  logs       $run_dir/ingest.log, $run_dir/processor.log, $run_dir/deliverer.log
   secrets    $run_dir/secrets.env (dev only)
 
 Send the seed's signed order.shipped webhook and read the projection:

@@ -1,7 +1,7 @@
 //! `hooklog.toml` as ingest sees it: `[server]`, `[kafka]`, `[[source]]`.
 //!
 //! Unknown keys are errors. Tables owned by the processor (`[processor]`,
-//! `[redis]`, `[[projection]]`) are accepted and ignored, so both binaries
+//! `[redis]`, `[[projection]]`, `[delivery]`) are accepted and ignored, so both binaries
 //! can share one file. Secrets are only ever references (`env:NAME`,
 //! `file:PATH`), resolved at start into [`SecretSlice`]s that never print.
 
@@ -36,6 +36,8 @@ pub struct Config {
     _redis: Option<IgnoredAny>,
     #[serde(default, rename = "projection")]
     _projection: Option<IgnoredAny>,
+    #[serde(default, rename = "delivery")]
+    _delivery: Option<IgnoredAny>,
 }
 
 /// `[server]`.
@@ -232,31 +234,12 @@ pub fn resolve_secrets(source: &SourceConfig) -> Result<Vec<SecretSlice<u8>>, Co
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            resolve_ref(r)
+            hooklog_schemas::secret_ref::resolve(r)
                 .map_err(|why| ConfigError(format!("source[{}].secrets[{i}]: {why}", source.name)))
         })
         .collect::<Result<Vec<_>, _>>()?;
     secret_bytes(&source.scheme, &raw)
         .map_err(|why| ConfigError(format!("source[{}].secrets: {why}", source.name)))
-}
-
-fn resolve_ref(reference: &str) -> Result<String, String> {
-    let value = if let Some(name) = reference.strip_prefix("env:") {
-        std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?
-    } else if let Some(path) = reference.strip_prefix("file:") {
-        std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read secret file {path}: {}", e.kind()))?
-    } else {
-        // Never echo the value: it may be an inline secret pasted by mistake.
-        return Err(
-            "must be a reference, env:NAME or file:PATH (inline secrets are not allowed)".into(),
-        );
-    };
-    let value = value.trim_end_matches(['\r', '\n']).to_owned();
-    if value.is_empty() {
-        return Err("resolves to an empty secret".into());
-    }
-    Ok(value)
 }
 
 /// Turns resolved secret strings into key bytes for `scheme`.

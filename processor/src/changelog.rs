@@ -106,6 +106,26 @@ impl Publisher {
         self.settle(try_join_all(sends).await)
     }
 
+    /// Publishes one record with `headers`; returns once it is acknowledged.
+    pub async fn record(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<(), KafkaError> {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let record = FutureRecord::to(topic).key(key).payload(payload).headers(h);
+        let sent = self.enqueue(record).await;
+        self.settle(sent)
+    }
+
     /// Queues a record; the returned future resolves with its ack.
     fn enqueue<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
         &self,

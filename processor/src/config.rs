@@ -1,5 +1,5 @@
 //! `hooklog.toml` as the processor sees it: `[kafka]`, `[processor]`,
-//! `[redis]`, `[[projection]]`, and the `name`/`topic` of each `[[source]]`
+//! `[redis]`, `[[projection]]`, `[delivery]`, and the `name`/`topic` of each `[[source]]`
 //! (the raw topics to consume). Ingest's `[server]` table is ignored.
 
 use std::path::Path;
@@ -32,6 +32,9 @@ pub struct Config {
     /// Projection definitions.
     #[serde(default, rename = "projection")]
     pub projections: Vec<ProjectionSpec>,
+    /// Outbound delivery (`hooklog-processor deliver`).
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
     #[serde(default, rename = "server")]
     _server: Option<IgnoredAny>,
 }
@@ -122,6 +125,118 @@ impl Default for RedisConfig {
     }
 }
 
+/// `[delivery]`: the subscription API and outbound delivery of
+/// `hooklog-processor deliver` (see docs/delivery.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Subscription API / health / metrics listen address.
+    #[serde(default = "default_delivery_listen")]
+    pub listen: String,
+    /// Consumer group of the deliverers (independent of the processors').
+    #[serde(default = "default_delivery_group_id")]
+    pub group_id: String,
+    /// Bearer API keys of the subscription API, as `env:`/`file:` references.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Delay before each retry, in seconds; after the last one the attempt
+    /// goes to `hooklog.delivery.dlq`. The default spans about 27 hours.
+    #[serde(default = "default_retry_schedule_secs")]
+    pub retry_schedule_secs: Vec<u64>,
+    /// Per-attempt timeout (connect + response).
+    #[serde(default = "default_delivery_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Attempts in flight per subscription (per deliverer replica).
+    #[serde(default = "default_endpoint_concurrency")]
+    pub endpoint_concurrency: usize,
+    /// Attempts in flight in all (per deliverer replica).
+    #[serde(default = "default_delivery_max_in_flight")]
+    pub max_in_flight: usize,
+    /// An endpoint failing without a single success for this long is
+    /// disabled automatically.
+    #[serde(default = "default_disable_after_secs")]
+    pub disable_after_failing_secs: u64,
+    /// How long the previous secret keeps signing after a rotation.
+    #[serde(default = "default_rotation_grace_secs")]
+    pub rotation_grace_secs: u64,
+    /// How long delivery state (and the event body) is kept: the window in
+    /// which a redelivered event id is not delivered again. Must exceed the
+    /// retry schedule.
+    #[serde(default = "default_delivery_retention_secs")]
+    pub retention_secs: u64,
+    /// Allow `http://` callback URLs (local runs and tests only).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Allow callbacks resolving to loopback, private, link-local or other
+    /// non-public addresses (local runs and tests only).
+    #[serde(default)]
+    pub allow_private_networks: bool,
+}
+
+fn default_delivery_listen() -> String {
+    "0.0.0.0:8082".into()
+}
+fn default_delivery_group_id() -> String {
+    "hooklog-delivery".into()
+}
+fn default_retry_schedule_secs() -> Vec<u64> {
+    vec![5, 300, 1800, 7200, 18000, 36000, 36000]
+}
+const fn default_delivery_timeout_ms() -> u64 {
+    10_000
+}
+const fn default_endpoint_concurrency() -> usize {
+    8
+}
+const fn default_delivery_max_in_flight() -> usize {
+    512
+}
+const fn default_disable_after_secs() -> u64 {
+    5 * 24 * 3600
+}
+const fn default_rotation_grace_secs() -> u64 {
+    24 * 3600
+}
+const fn default_delivery_retention_secs() -> u64 {
+    7 * 24 * 3600
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_delivery_listen(),
+            group_id: default_delivery_group_id(),
+            api_keys: Vec::new(),
+            retry_schedule_secs: default_retry_schedule_secs(),
+            timeout_ms: default_delivery_timeout_ms(),
+            endpoint_concurrency: default_endpoint_concurrency(),
+            max_in_flight: default_delivery_max_in_flight(),
+            disable_after_failing_secs: default_disable_after_secs(),
+            rotation_grace_secs: default_rotation_grace_secs(),
+            retention_secs: default_delivery_retention_secs(),
+            allow_http: false,
+            allow_private_networks: false,
+        }
+    }
+}
+
+impl DeliveryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: &str| Err(ConfigError(format!("delivery.{m}")));
+        if self.timeout_ms == 0 {
+            return err("timeout_ms must be > 0");
+        }
+        if self.endpoint_concurrency == 0 || self.max_in_flight == 0 {
+            return err("endpoint_concurrency and max_in_flight must be > 0");
+        }
+        let schedule: u64 = self.retry_schedule_secs.iter().sum();
+        if self.retention_secs <= schedule {
+            return err("retention_secs must exceed the sum of retry_schedule_secs");
+        }
+        Ok(())
+    }
+}
+
 /// The part of a `[[source]]` the processor needs.
 #[derive(Debug, Deserialize)]
 pub struct SourceRef {
@@ -149,6 +264,7 @@ impl hooklog_schemas::config::Validate for Config {
         if self.processor.batch_size == 0 {
             return Err(ConfigError("processor.batch_size must be > 0".into()));
         }
+        self.delivery.validate()?;
         let mut names = std::collections::HashSet::new();
         for p in &self.projections {
             p.validate().map_err(ConfigError)?;

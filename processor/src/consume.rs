@@ -32,9 +32,15 @@ pub struct Health {
 
 /// Creates the live group consumer.
 pub fn consumer(config: &Config) -> Result<StreamConsumer, KafkaError> {
+    group_consumer(config, &config.processor.group_id)
+}
+
+/// A consumer of the raw topics in group `group_id` (processors and
+/// deliverers use separate groups, each reading every event).
+pub fn group_consumer(config: &Config, group_id: &str) -> Result<StreamConsumer, KafkaError> {
     let kafka = &config.kafka;
     let mut cfg = kafka.base();
-    cfg.set("group.id", &config.processor.group_id);
+    cfg.set("group.id", group_id);
     // Offsets are stored only after a batch is fully applied, then committed
     // in the background: at-least-once, without a sync commit per record.
     cfg.set("enable.auto.commit", "true");
@@ -93,64 +99,17 @@ impl Pipeline {
     ) -> anyhow::Result<()> {
         self.health.running.store(true, Ordering::Relaxed);
         info!(projections = self.projections.len(), "Processor consuming.");
-        loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                m = consumer.recv() => m,
-            };
-            let first = match first {
-                Ok(m) => m.detach(),
-                Err(e) => {
-                    warn!(error = %e, "Consumer error.");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            let mut batch: Vec<Record> = vec![first.into()];
-            let deadline = tokio::time::Instant::now() + self.batch_wait;
-            while batch.len() < self.batch_size {
-                match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                    Ok(Ok(m)) => batch.push(m.detach().into()),
-                    Ok(Err(e)) => warn!(error = %e, "Consumer error."),
-                    Err(_) => break,
-                }
-            }
+        while let Some(batch) =
+            next_batch(&consumer, self.batch_size, self.batch_wait, &shutdown).await
+        {
             self.metrics.consumed(batch.len() as u64);
             if !self.process(&batch, &shutdown).await {
                 break; // shutdown while retrying: leave offsets unstored
             }
-            let mut last: HashMap<(&str, i32), i64> = HashMap::new();
-            for r in &batch {
-                let e = last
-                    .entry((r.topic.as_str(), r.partition))
-                    .or_insert(r.offset);
-                *e = (*e).max(r.offset);
-            }
-            for ((topic, partition), offset) in last {
-                // Fails only if the partition was revoked meanwhile; its new
-                // owner re-reads the batch and the apply is idempotent.
-                if let Err(e) = consumer.store_offset(topic, partition, offset) {
-                    debug!(topic, partition, error = %e, "Offset not stored.");
-                }
-            }
+            store_offsets(&consumer, &batch);
         }
         info!("Processor stopping: committing offsets.");
-        // Bounded: with the broker gone a sync commit would wait for its
-        // socket timeout. Uncommitted offsets are only re-applied, idempotently.
-        let c = consumer.clone();
-        let commit = tokio::task::spawn_blocking(move || {
-            if let Err(e) = c.commit_consumer_state(CommitMode::Sync) {
-                // Nothing stored yet is also reported as an error.
-                debug!(error = %e, "Final commit.");
-            }
-            c.unsubscribe();
-        });
-        if tokio::time::timeout(Duration::from_secs(5), commit)
-            .await
-            .is_err()
-        {
-            warn!("Final offset commit timed out; the next owner re-applies those records idempotently.");
-        }
+        commit_and_leave(consumer).await;
         Ok(())
     }
 
@@ -288,6 +247,76 @@ impl Pipeline {
                 .collect();
         }
         Ok(())
+    }
+}
+
+/// Waits for the next batch: the first record, then as many as arrive
+/// within `wait`, up to `size`. None on shutdown.
+pub async fn next_batch(
+    consumer: &StreamConsumer,
+    size: usize,
+    wait: Duration,
+    shutdown: &CancellationToken,
+) -> Option<Vec<Record>> {
+    let first = loop {
+        let m = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            m = consumer.recv() => m,
+        };
+        match m {
+            Ok(m) => break m.detach(),
+            Err(e) => {
+                warn!(error = %e, "Consumer error.");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let mut batch: Vec<Record> = vec![first.into()];
+    let deadline = tokio::time::Instant::now() + wait;
+    while batch.len() < size {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => batch.push(m.detach().into()),
+            Ok(Err(e)) => warn!(error = %e, "Consumer error."),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// Stores the offsets of a fully handled batch (committed in the background).
+pub fn store_offsets(consumer: &StreamConsumer, batch: &[Record]) {
+    let mut last: HashMap<(&str, i32), i64> = HashMap::new();
+    for r in batch {
+        let e = last
+            .entry((r.topic.as_str(), r.partition))
+            .or_insert(r.offset);
+        *e = (*e).max(r.offset);
+    }
+    for ((topic, partition), offset) in last {
+        // Fails only if the partition was revoked meanwhile; its new
+        // owner re-reads the batch, and handling is idempotent.
+        if let Err(e) = consumer.store_offset(topic, partition, offset) {
+            debug!(topic, partition, error = %e, "Offset not stored.");
+        }
+    }
+}
+
+/// Commits stored offsets and leaves the group, bounded: with the broker
+/// gone a sync commit would wait for its socket timeout. Uncommitted
+/// records are only handled again, idempotently.
+pub async fn commit_and_leave(consumer: Arc<StreamConsumer>) {
+    let commit = tokio::task::spawn_blocking(move || {
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored yet is also reported as an error.
+            debug!(error = %e, "Final commit.");
+        }
+        consumer.unsubscribe();
+    });
+    if tokio::time::timeout(Duration::from_secs(5), commit)
+        .await
+        .is_err()
+    {
+        warn!("Final offset commit timed out; the next owner handles those records again, idempotently.");
     }
 }
 

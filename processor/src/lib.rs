@@ -12,13 +12,16 @@
 //! - [`api`]: read API, health, metrics, rebuild endpoint;
 //! - [`rebuild`]: replay into a new version, switch or verify;
 //! - [`topics`]: topic creation through the admin API;
-//! - [`metrics`]: Prometheus metrics.
+//! - [`metrics`]: Prometheus metrics;
+//! - [`delivery`]: outbound delivery to subscribed agent services
+//!   (`hooklog-processor deliver`).
 
 pub mod api;
 pub mod batch;
 pub mod changelog;
 pub mod config;
 pub mod consume;
+pub mod delivery;
 pub mod metrics;
 pub mod projection;
 pub mod rebuild;

@@ -34,6 +34,8 @@ struct Args {
 enum Command {
     /// Consume and serve (the default).
     Run,
+    /// Run the subscription API and deliver events to subscribers.
+    Deliver,
     /// Validate the configuration and exit.
     CheckConfig,
     /// Create every topic the config implies and wait until they are visible.
@@ -82,6 +84,21 @@ async fn main() -> anyhow::Result<()> {
                     // A consumer close can hang while the broker is gone;
                     // offsets not committed are re-applied idempotently.
                     eprintln!("hooklog-processor: shutdown took over 20 s; exiting");
+                    std::process::exit(0);
+                }
+            }
+        }
+        Command::Deliver => {
+            let listener = tokio::net::TcpListener::bind(&config.delivery.listen)
+                .await
+                .with_context(|| format!("binding {}", config.delivery.listen))?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(hooklog_schemas::process::cancel_on_signal(shutdown.clone()));
+            let deadline = shutdown.clone();
+            tokio::select! {
+                r = hooklog_processor::delivery::run(config, listener, shutdown) => r,
+                _ = async { deadline.cancelled().await; tokio::time::sleep(Duration::from_secs(20)).await } => {
+                    eprintln!("hooklog-processor deliver: shutdown took over 20 s; exiting");
                     std::process::exit(0);
                 }
             }

@@ -3,7 +3,7 @@
 //! local stack, tests and clusters where operators let Hooklog do it.
 //!
 //! Raw topics get `retention.ms=-1` (they are the source of truth for
-//! rebuilds); state topics `cleanup.policy=compact`; the DLQ keeps records
+//! rebuilds); state topics `cleanup.policy=compact`; the DLQs keep records
 //! for 30 days.
 
 use std::time::{Duration, Instant};
@@ -37,10 +37,12 @@ pub fn all(config: &Config) -> Vec<TopicSpec> {
         name: topics::state_topic(&p.name),
         configs: vec![("cleanup.policy", "compact")],
     }));
-    out.push(TopicSpec {
-        name: topics::DLQ.into(),
-        configs: vec![("retention.ms", "2592000000")],
-    });
+    for dlq in [topics::DLQ, topics::DELIVERY_DLQ] {
+        out.push(TopicSpec {
+            name: dlq.into(),
+            configs: vec![("retention.ms", "2592000000")],
+        });
+    }
     out
 }
 

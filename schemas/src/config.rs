@@ -4,7 +4,7 @@
 //! by dropping the prefix and splitting on `__`: `HOOKLOG_KAFKA__BROKERS`
 //! sets `kafka.brokers`, `HOOKLOG_SERVER__LISTEN` sets `server.listen`. Only
 //! variables whose first segment names a table (`server`, `kafka`,
-//! `processor`, `redis`) are read, so unrelated `HOOKLOG_*` variables such as
+//! `processor`, `redis`, `delivery`) are read, so unrelated `HOOKLOG_*` variables such as
 //! `HOOKLOG_CONFIG` or `HOOKLOG_LOG` are not mistaken for config keys.
 
 use std::path::Path;
@@ -14,7 +14,7 @@ use figment::Figment;
 use serde::de::DeserializeOwned;
 
 /// Tables that `HOOKLOG_<TABLE>__<KEY>` variables may override.
-pub const ENV_TABLES: &[&str] = &["server", "kafka", "processor", "redis"];
+pub const ENV_TABLES: &[&str] = &["server", "kafka", "processor", "redis", "delivery"];
 
 /// Why the configuration could not be loaded. The message names the key.
 #[derive(Debug, thiserror::Error)]

@@ -16,3 +16,9 @@ pub const DLQ_TOPIC: &str = "hooklog-dlq-topic";
 pub const DLQ_POSITION: &str = "hooklog-dlq-position";
 /// On changelog records: the projection version that produced the state.
 pub const PROJECTION_VERSION: &str = "hooklog-projection-version";
+/// On `hooklog.delivery.dlq` records: the subscription id.
+pub const DLQ_SUBSCRIPTION: &str = "hooklog-subscription-id";
+/// On `hooklog.delivery.dlq` records: attempts made.
+pub const DLQ_ATTEMPTS: &str = "hooklog-attempts";
+/// On DLQ records: a human-readable detail of the reason.
+pub const DLQ_DETAIL: &str = "hooklog-dlq-detail";

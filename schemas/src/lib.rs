@@ -9,13 +9,15 @@
 //! - [`kafka`]: the `[kafka]` config section and the librdkafka client config;
 //! - [`config`]: loading `hooklog.toml` with `HOOKLOG_*` env overrides;
 //! - [`trace`]: W3C `traceparent` parsing and generation;
-//! - [`process`]: logging set-up and the shutdown signal of both binaries.
+//! - [`process`]: logging set-up and the shutdown signal of both binaries;
+//! - [`secret_ref`]: `env:`/`file:` secret references.
 
 pub mod config;
 pub mod envelope;
 pub mod headers;
 pub mod kafka;
 pub mod process;
+pub mod secret_ref;
 pub mod topics;
 pub mod trace;
 

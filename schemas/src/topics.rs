@@ -7,6 +7,8 @@ pub const RAW_PREFIX: &str = "webhooks.raw.";
 pub const STATE_PREFIX: &str = "hooklog.state.";
 /// Dead-letter topic for records the processor cannot handle.
 pub const DLQ: &str = "hooklog.dlq";
+/// Dead-letter topic for outbound deliveries that could not be made.
+pub const DELIVERY_DLQ: &str = "hooklog.delivery.dlq";
 
 /// The default raw topic of a source: `webhooks.raw.<source>`.
 pub fn raw_topic(source: &str) -> String {

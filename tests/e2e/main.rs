@@ -1,5 +1,6 @@
 //! End-to-end tests: one test binary, one module per scenario.
 
+mod delivery;
 mod foundation;
 mod ingest;
 mod processor;

@@ -16,6 +16,7 @@
 pub mod events;
 pub mod kafka;
 pub mod proxy;
+pub mod receiver;
 pub mod sign;
 
 use std::net::TcpListener;
@@ -436,6 +437,9 @@ pub const SECRETS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The subscription API key of the generated config (test value).
+pub const API_KEY: &str = "e2e-delivery-api-key-3b9f";
+
 /// The secret of a source.
 pub fn secret(source: &str) -> &'static str {
     SECRETS
@@ -461,6 +465,8 @@ pub struct TestEnv {
     pub ingest_port: u16,
     /// Processor listen port.
     pub processor_port: u16,
+    /// Deliverer (`hooklog-processor deliver`) listen port.
+    pub delivery_port: u16,
     /// Extra TOML appended to the config (tests that tune settings).
     extra: String,
 }
@@ -482,6 +488,7 @@ impl TestEnv {
             redis_url: redis_url.into(),
             ingest_port: free_port(),
             processor_port: free_port(),
+            delivery_port: free_port(),
             extra: extra.into(),
             id,
         };
@@ -557,8 +564,11 @@ name = "customers"
             "[server]\nlisten = \"127.0.0.1:{}\"\npublish_timeout_ms = 3000\nretry_after_secs = 2\n\n\
              [kafka]\nbrokers = \"{}\"\n\n\
              [processor]\nlisten = \"127.0.0.1:{}\"\ngroup_id = \"e2e-{}\"\npartitions = 3\nbatch_wait_ms = 10\n\n\
-             [redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\n\n",
-            self.ingest_port, self.brokers, self.processor_port, self.id, self.redis_url, self.prefix
+             [redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\n\n\
+             [delivery]\nlisten = \"127.0.0.1:{}\"\ngroup_id = \"e2e-dlv-{}\"\napi_keys = [\"env:E2E_API_KEY\"]\n\
+             allow_http = true\nallow_private_networks = true\nretry_schedule_secs = [1, 1]\ntimeout_ms = 2000\n\n",
+            self.ingest_port, self.brokers, self.processor_port, self.id, self.redis_url, self.prefix,
+            self.delivery_port, self.id
         );
         text = merge_extra(text, &self.extra);
         for (source, scheme, _) in SECRETS {
@@ -577,6 +587,7 @@ name = "customers"
             .iter()
             .map(|(s, _, k)| (format!("E2E_SECRET_{}", s.to_uppercase()), k.to_string()))
             .collect();
+        v.push(("E2E_API_KEY".into(), API_KEY.into()));
         v.push((
             "HOOKLOG_CONFIG".into(),
             self.config_path.display().to_string(),
@@ -646,6 +657,27 @@ name = "customers"
             Duration::from_secs(30),
         );
         s
+    }
+
+    /// Defines the deliverer service (`hooklog-processor deliver`, not started).
+    pub fn deliverer_service(&self) -> Service {
+        self.service("deliverer", "hooklog-processor", &["deliver"])
+    }
+
+    /// Starts the deliverer and waits for `/readyz`.
+    pub fn deliverer(&self) -> Service {
+        let mut s = self.deliverer_service();
+        s.start();
+        wait_http_ok(
+            &format!("{}/readyz", self.delivery_url()),
+            Duration::from_secs(30),
+        );
+        s
+    }
+
+    /// Deliverer base URL.
+    pub fn delivery_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.delivery_port)
     }
 
     /// Starts one more ingest replica on `port` (same config otherwise).

@@ -1,0 +1,324 @@
+//! The subscription API (`/api/v1/webhooks`, bearer API keys), the delivery
+//! log, and the deliverer's health and metrics endpoints.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{json, Map, Value};
+use subtle::ConstantTimeEq;
+
+use super::guard::{self, UrlPolicy};
+use super::metrics::DeliveryMetrics;
+use super::queue::Queue;
+use super::subscription::{self, rfc3339, Subscription, SubscriptionCache, SubscriptionStore};
+use crate::consume::Health;
+
+/// Shared state of the handlers.
+pub struct ApiState {
+    /// Subscriptions.
+    pub subs: SubscriptionStore,
+    /// The replica's copy, refreshed after every change.
+    pub cache: Arc<SubscriptionCache>,
+    /// Jobs and the delivery log.
+    pub queue: Queue,
+    /// Accepted bearer keys.
+    pub api_keys: Vec<SecretString>,
+    /// Callback URL policy.
+    pub policy: UrlPolicy,
+    /// Default rotation grace period.
+    pub rotation_grace_secs: u64,
+    /// Metrics.
+    pub metrics: Arc<DeliveryMetrics>,
+    /// Health flags.
+    pub health: Arc<Health>,
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({"error": code, "message": message}))).into_response()
+}
+
+/// A rejected request body: 400 for bad JSON, 422 naming the field.
+struct BadRequest {
+    field: Option<String>,
+    message: String,
+}
+
+impl IntoResponse for BadRequest {
+    fn into_response(self) -> Response {
+        match self.field {
+            None => error(StatusCode::BAD_REQUEST, "invalid_json", &self.message),
+            Some(field) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(
+                    json!({"error": "validation_failed", "field": field, "message": self.message}),
+                ),
+            )
+                .into_response(),
+        }
+    }
+}
+
+fn invalid(field: &str, message: &str) -> Response {
+    BadRequest {
+        field: Some(field.to_owned()),
+        message: message.to_owned(),
+    }
+    .into_response()
+}
+
+fn redis_down() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "redis_unavailable",
+        "the subscription store is unavailable; retry",
+    )
+}
+
+/// Builds the router.
+pub fn app(state: Arc<ApiState>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/webhooks", post(create).get(list))
+        .route("/api/v1/webhooks/{id}", get(read).delete(remove))
+        .route("/api/v1/webhooks/{id}/rotate-secret", post(rotate))
+        .route("/api/v1/webhooks/{id}/deliveries", get(deliveries))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(64 * 1024));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed",
+            )
+        })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "not found") })
+        .with_state(state)
+}
+
+/// `Authorization: Bearer <key>` against every configured key, in constant time.
+async fn authorize(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = presented.is_some_and(|p| {
+        s.api_keys.iter().fold(false, |acc, k| {
+            acc | bool::from(k.expose_secret().as_bytes().ct_eq(p.as_bytes()))
+        })
+    });
+    if !ok {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid API key is required: Authorization: Bearer <key>",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+        return r;
+    }
+    next.run(req).await
+}
+
+fn parse_object(body: &Bytes) -> Result<Map<String, Value>, BadRequest> {
+    let message = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => return Ok(m),
+        Ok(_) => "the body must be a JSON object".to_owned(),
+        Err(e) => format!("the body is not valid JSON: {e}"),
+    };
+    Err(BadRequest {
+        field: None,
+        message,
+    })
+}
+
+fn string_field<'a>(m: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, BadRequest> {
+    match m.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(BadRequest {
+            field: Some(name.to_owned()),
+            message: format!("{name} must be a string"),
+        }),
+    }
+}
+
+async fn create(State(s): State<Arc<ApiState>>, body: Bytes) -> Response {
+    let m = match parse_object(&body) {
+        Ok(m) => m,
+        Err(r) => return r.into_response(),
+    };
+    if let Some(k) = m
+        .keys()
+        .find(|k| !["event_type", "callback_url", "description"].contains(&k.as_str()))
+    {
+        return invalid(k, &format!("unknown field {k:?}"));
+    }
+    let (event_type, callback_url, description) = match (
+        string_field(&m, "event_type"),
+        string_field(&m, "callback_url"),
+        string_field(&m, "description"),
+    ) {
+        (Ok(e), Ok(c), Ok(d)) => (e, c, d),
+        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r.into_response(),
+    };
+    let Some(event_type) = event_type else {
+        return invalid("event_type", "event_type is required");
+    };
+    let Some(callback_url) = callback_url else {
+        return invalid("callback_url", "callback_url is required");
+    };
+    if let Err(why) = subscription::validate_pattern(event_type) {
+        return invalid("event_type", &why);
+    }
+    if let Err(why) = guard::check_url_resolving(callback_url, s.policy).await {
+        return invalid("callback_url", &why);
+    }
+    if description.is_some_and(|d| d.len() > 500) {
+        return invalid("description", "description is longer than 500 characters");
+    }
+    let sub = Subscription {
+        id: subscription::new_id(),
+        event_type: event_type.to_owned(),
+        callback_url: callback_url.to_owned(),
+        description: description.map(str::to_owned),
+        created_at_ms: chrono::Utc::now().timestamp_millis(),
+        secret: subscription::new_secret(),
+        previous_secret: None,
+        disabled: None,
+        failing_since_ms: None,
+    };
+    if s.subs.create(&sub).await.is_err() {
+        return redis_down();
+    }
+    let _ = s.cache.refresh(&s.subs).await;
+    tracing::info!(subscription = %sub.id, event_type = %sub.event_type, "Subscription created.");
+    let mut body = sub.public_json();
+    // Shown once: only a rotation issues it again (a new one).
+    body["secret"] = json!(sub.secret.expose_secret());
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+async fn list(State(s): State<Arc<ApiState>>) -> Response {
+    match s.subs.list().await {
+        Ok(subs) => Json(json!({
+            "webhooks": subs.iter().map(Subscription::public_json).collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(_) => redis_down(),
+    }
+}
+
+async fn read(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    match s.subs.get(&id).await {
+        Ok(Some(sub)) => Json(sub.public_json()).into_response(),
+        Ok(None) => not_found(),
+        Err(_) => redis_down(),
+    }
+}
+
+fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "unknown_webhook",
+        "no such webhook subscription",
+    )
+}
+
+async fn remove(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    match s.subs.delete(&id).await {
+        Ok(true) => {
+            let _ = s.queue.drop_subscription(&id).await;
+            let _ = s.cache.refresh(&s.subs).await;
+            tracing::info!(subscription = %id, "Subscription deleted.");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => not_found(),
+        Err(_) => redis_down(),
+    }
+}
+
+async fn rotate(State(s): State<Arc<ApiState>>, Path(id): Path<String>, body: Bytes) -> Response {
+    let mut grace = s.rotation_grace_secs;
+    if !body.is_empty() {
+        let m = match parse_object(&body) {
+            Ok(m) => m,
+            Err(r) => return r.into_response(),
+        };
+        match m.get("grace_period_secs") {
+            None => {}
+            Some(v) => match v.as_u64() {
+                Some(g) if g <= 7 * 24 * 3600 => grace = g,
+                _ => {
+                    return invalid(
+                        "grace_period_secs",
+                        "grace_period_secs must be an integer from 0 to 604800",
+                    )
+                }
+            },
+        }
+    }
+    let secret = subscription::new_secret();
+    let until = chrono::Utc::now().timestamp_millis() + (grace as i64) * 1000;
+    match s.subs.rotate(&id, &secret, until).await {
+        Ok(true) => {
+            let _ = s.cache.refresh(&s.subs).await;
+            tracing::info!(subscription = %id, grace_secs = grace, "Secret rotated.");
+            Json(json!({
+                "id": id,
+                "secret": secret.expose_secret(),
+                "previous_secret_expires_at": rfc3339(until),
+            }))
+            .into_response()
+        }
+        Ok(false) => not_found(),
+        Err(_) => redis_down(),
+    }
+}
+
+async fn deliveries(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    match s.subs.get(&id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return not_found(),
+        Err(_) => return redis_down(),
+    }
+    match (s.queue.recent(&id, 100).await, s.queue.pending(&id).await) {
+        (Ok(log), Ok(pending)) => {
+            Json(json!({"id": id, "pending": pending, "deliveries": log})).into_response()
+        }
+        _ => redis_down(),
+    }
+}
+
+async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
+    let redis_ok = s.subs.get("_ping").await.is_ok();
+    let running = s.health.running.load(Ordering::Relaxed);
+    let paused = s.health.paused.load(Ordering::Relaxed);
+    let body = json!({"redis": redis_ok, "consumer_running": running, "paused": paused});
+    if redis_ok && running && !paused {
+        Json(body).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}

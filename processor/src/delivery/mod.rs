@@ -1,0 +1,127 @@
+//! Outbound delivery (`hooklog-processor deliver`): downstream agent
+//! services subscribe to event types over `/api/v1/webhooks`, and every
+//! verified event of a matching type is POSTed to them, signed, retried on
+//! a schedule, and dead-lettered when it cannot be delivered.
+//!
+//! Layout, in the order an event flows:
+//! - [`api`]: the subscription API, delivery log, health and metrics;
+//! - [`subscription`]: subscriptions in Redis and each replica's copy;
+//! - [`guard`]: the SSRF guard for callback URLs;
+//! - [`fanout`]: raw topics (own consumer group) → durable jobs;
+//! - [`queue`]: the Redis job queue with leases and the delivery log;
+//! - [`worker`]: claims due jobs per endpoint and makes the attempts;
+//! - [`policy`]: what an answer means and when to retry (pure);
+//! - [`sign`]: `X-Webhook-Signature` and Standard Webhooks headers;
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod api;
+pub mod fanout;
+pub mod guard;
+pub mod metrics;
+pub mod policy;
+pub mod queue;
+pub mod sign;
+pub mod subscription;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::changelog::Publisher;
+use crate::config::Config;
+use crate::consume::{self, Health};
+
+/// Resolves the API keys; at least one is required.
+pub fn api_keys(config: &Config) -> anyhow::Result<Vec<SecretString>> {
+    anyhow::ensure!(
+        !config.delivery.api_keys.is_empty(),
+        "invalid configuration: delivery.api_keys: at least one key reference (env:NAME or file:PATH) is required"
+    );
+    config
+        .delivery
+        .api_keys
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            hooklog_schemas::secret_ref::resolve(r)
+                .map(SecretString::from)
+                .map_err(|why| {
+                    anyhow::anyhow!("invalid configuration: delivery.api_keys[{i}]: {why}")
+                })
+        })
+        .collect()
+}
+
+/// Runs the deliverer (API + fan-out + dispatcher) until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let keys = api_keys(&config)?;
+    let settings = Arc::new(worker::Settings::from(&config.delivery));
+    let Some(store) = crate::connect_store(&config, &shutdown).await else {
+        return Ok(());
+    };
+    let conn = store.connection();
+    let prefix = &config.redis.key_prefix;
+    let subs = subscription::SubscriptionStore::new(conn.clone(), prefix);
+    let queue = queue::Queue::new(conn, prefix, config.delivery.retention_secs);
+    let cache = Arc::new(subscription::SubscriptionCache::default());
+    let metrics = Arc::new(metrics::DeliveryMetrics::default());
+    let health = Arc::new(Health::default());
+    let wake = Arc::new(Notify::new());
+    let publisher = Publisher::new(&config.kafka)?;
+
+    let state = Arc::new(api::ApiState {
+        subs: subs.clone(),
+        cache: cache.clone(),
+        queue: queue.clone(),
+        api_keys: keys,
+        policy: settings.policy,
+        rotation_grace_secs: config.delivery.rotation_grace_secs,
+        metrics: metrics.clone(),
+        health: health.clone(),
+    });
+    let stop = shutdown.clone();
+    let server = axum::serve(listener, api::app(state))
+        .with_graceful_shutdown(async move { stop.cancelled().await });
+    let server = tokio::spawn(async move { server.await });
+
+    let deliverer = worker::Deliverer {
+        subs: subs.clone(),
+        cache: cache.clone(),
+        queue: queue.clone(),
+        client: worker::client(&settings).context("building the HTTP client")?,
+        publisher: publisher.clone(),
+        metrics: metrics.clone(),
+        settings,
+    };
+    let dispatcher = {
+        let (wake, stop) = (wake.clone(), shutdown.clone());
+        tokio::spawn(async move { deliverer.dispatch(wake, stop).await })
+    };
+
+    let consumer = Arc::new(consume::group_consumer(&config, &config.delivery.group_id)?);
+    let fanout = fanout::Fanout {
+        subs,
+        cache,
+        queue,
+        metrics,
+        health,
+        wake,
+    };
+    fanout.run(consumer, shutdown.clone()).await;
+    let _ = dispatcher.await;
+    let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    info!("Deliverer stopped.");
+    Ok(())
+}

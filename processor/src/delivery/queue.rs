@@ -1,0 +1,297 @@
+//! The durable delivery queue in Redis. The fan-out writes one job per
+//! (subscription, event) and only then commits the Kafka offset; workers
+//! claim due jobs with a lease, so a deliverer killed mid-attempt leaves
+//! the job to be claimed again when the lease runs out (at-least-once,
+//! same `webhook-id`). Keys under `<prefix>dlv:`:
+//!
+//! - `evt:<source>/<event id>`: body, type and id of the event;
+//! - `job:<sub>:<source>/<event id>`: attempt count and state, kept for
+//!   `retention_secs` so a redelivered event id is not delivered twice;
+//! - `due:<sub>`: sorted set of the subscription's jobs by due time;
+//! - `log:<sub>`: the latest attempts, for the deliveries endpoint.
+
+use redis::aio::ConnectionManager;
+use redis::{ErrorKind, RedisError, Script};
+use serde::{Deserialize, Serialize};
+
+/// Creates the job unless it exists (a redelivered event).
+const ENQUEUE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'attempt', 0, 'state', 'pending')
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('HSET', KEYS[3], 'body', ARGV[4], 'event_type', ARGV[5], 'event_id', ARGV[6])
+end
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return 1
+";
+
+/// Takes up to ARGV[3] due jobs and pushes their due time to the lease end.
+const CLAIM: &str = r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], m) end
+return due
+";
+
+/// The event a job delivers.
+#[derive(Debug, Clone)]
+pub struct QueuedEvent {
+    /// Provider event id (`webhook-id`).
+    pub event_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Raw body bytes.
+    pub body: Vec<u8>,
+}
+
+/// A job to create: subscription id and the event.
+pub struct NewJob<'a> {
+    /// Subscription.
+    pub subscription: &'a str,
+    /// `<source>/<event id>`.
+    pub member: String,
+    /// Event id.
+    pub event_id: &'a str,
+    /// Event type.
+    pub event_type: &'a str,
+    /// Raw body.
+    pub body: &'a [u8],
+}
+
+/// One line of the delivery log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttemptLog {
+    /// Event id.
+    pub event_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// delivered | retrying | failed | dead | disabled.
+    pub outcome: String,
+    /// HTTP status, when the receiver answered.
+    pub status_code: Option<u16>,
+    /// Error class when it did not (timeout, connect, blocked_address…).
+    pub error: Option<String>,
+    /// Attempt latency.
+    pub latency_ms: u64,
+    /// RFC 3339 time of the attempt.
+    pub at: String,
+    /// RFC 3339 time of the next attempt, when retrying.
+    pub next_retry_at: Option<String>,
+}
+
+/// Redis access for jobs.
+#[derive(Clone)]
+pub struct Queue {
+    conn: ConnectionManager,
+    prefix: String,
+    retention_secs: u64,
+    enqueue: Script,
+    claim: Script,
+}
+
+impl Queue {
+    /// `prefix` is `redis.key_prefix`.
+    pub fn new(conn: ConnectionManager, prefix: &str, retention_secs: u64) -> Self {
+        Self {
+            conn,
+            prefix: format!("{prefix}dlv:"),
+            retention_secs,
+            enqueue: Script::new(ENQUEUE),
+            claim: Script::new(CLAIM),
+        }
+    }
+
+    fn job_key(&self, sub: &str, member: &str) -> String {
+        format!("{}job:{sub}:{member}", self.prefix)
+    }
+    fn due_key(&self, sub: &str) -> String {
+        format!("{}due:{sub}", self.prefix)
+    }
+    fn evt_key(&self, member: &str) -> String {
+        format!("{}evt:{member}", self.prefix)
+    }
+    fn log_key(&self, sub: &str) -> String {
+        format!("{}log:{sub}", self.prefix)
+    }
+
+    /// Creates the jobs in one pipeline; returns how many were new.
+    pub async fn enqueue(&self, jobs: &[NewJob<'_>], now_ms: i64) -> Result<u64, RedisError> {
+        if jobs.is_empty() {
+            return Ok(0);
+        }
+        match self.enqueue_once(jobs, now_ms).await {
+            Err(e) if e.kind() == ErrorKind::NoScriptError => {
+                let mut conn = self.conn.clone();
+                self.enqueue.prepare_invoke().load_async(&mut conn).await?;
+                self.enqueue_once(jobs, now_ms).await
+            }
+            other => other,
+        }
+    }
+
+    async fn enqueue_once(&self, jobs: &[NewJob<'_>], now_ms: i64) -> Result<u64, RedisError> {
+        let mut pipe = redis::pipe();
+        for j in jobs {
+            pipe.cmd("EVALSHA")
+                .arg(self.enqueue.get_hash())
+                .arg(3)
+                .arg(self.job_key(j.subscription, &j.member))
+                .arg(self.due_key(j.subscription))
+                .arg(self.evt_key(&j.member))
+                .arg(&j.member)
+                .arg(now_ms)
+                .arg(self.retention_secs)
+                .arg(j.body)
+                .arg(j.event_type)
+                .arg(j.event_id);
+        }
+        let mut conn = self.conn.clone();
+        let created: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(created.iter().sum())
+    }
+
+    /// Claims up to `n` due jobs of `sub` until `lease_until_ms`.
+    pub async fn claim(
+        &self,
+        sub: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        n: usize,
+    ) -> Result<Vec<String>, RedisError> {
+        let mut conn = self.conn.clone();
+        self.claim
+            .key(self.due_key(sub))
+            .arg(now_ms)
+            .arg(lease_until_ms)
+            .arg(n)
+            .invoke_async(&mut conn)
+            .await
+    }
+
+    /// The event of a job and the attempts made so far; None when the
+    /// event expired (retention shorter than the schedule).
+    pub async fn load(
+        &self,
+        sub: &str,
+        member: &str,
+    ) -> Result<Option<(QueuedEvent, u32)>, RedisError> {
+        let mut conn = self.conn.clone();
+        type Row = (Option<Vec<u8>>, Option<String>, Option<String>);
+        let ((body, event_type, event_id), attempt): (Row, Option<u32>) = redis::pipe()
+            .cmd("HMGET")
+            .arg(self.evt_key(member))
+            .arg(&["body", "event_type", "event_id"])
+            .hget(self.job_key(sub, member), "attempt")
+            .query_async(&mut conn)
+            .await?;
+        Ok(match (body, event_type, event_id) {
+            (Some(body), Some(event_type), Some(event_id)) => Some((
+                QueuedEvent {
+                    event_id,
+                    event_type,
+                    body,
+                },
+                attempt.unwrap_or(0),
+            )),
+            _ => None,
+        })
+    }
+
+    /// Schedules the next attempt.
+    pub async fn retry_at(
+        &self,
+        sub: &str,
+        member: &str,
+        attempts: u32,
+        due_ms: i64,
+    ) -> Result<(), RedisError> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .hset(self.job_key(sub, member), "attempt", attempts)
+            .ignore()
+            .zadd(self.due_key(sub), member, due_ms)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Ends a job in a final state (delivered, failed, dead, disabled).
+    pub async fn finish(
+        &self,
+        sub: &str,
+        member: &str,
+        attempts: u32,
+        state: &str,
+    ) -> Result<(), RedisError> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .hset_multiple(
+                self.job_key(sub, member),
+                &[
+                    ("attempt", attempts.to_string()),
+                    ("state", state.to_owned()),
+                ],
+            )
+            .ignore()
+            .zrem(self.due_key(sub), member)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Appends to the delivery log (latest 100 kept).
+    pub async fn log(&self, sub: &str, entry: &AttemptLog) -> Result<(), RedisError> {
+        let mut conn = self.conn.clone();
+        let key = self.log_key(sub);
+        redis::pipe()
+            .lpush(&key, serde_json::to_string(entry).expect("log serializes"))
+            .ignore()
+            .ltrim(&key, 0, 99)
+            .ignore()
+            .expire(&key, self.retention_secs as i64)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// The latest attempts, newest first.
+    pub async fn recent(&self, sub: &str, limit: usize) -> Result<Vec<AttemptLog>, RedisError> {
+        let mut conn = self.conn.clone();
+        let raw: Vec<String> = redis::cmd("LRANGE")
+            .arg(self.log_key(sub))
+            .arg(0)
+            .arg(limit.saturating_sub(1))
+            .query_async(&mut conn)
+            .await?;
+        Ok(raw
+            .iter()
+            .filter_map(|s| serde_json::from_str(s).ok())
+            .collect())
+    }
+
+    /// Jobs waiting (due or scheduled) for `sub`.
+    pub async fn pending(&self, sub: &str) -> Result<u64, RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("ZCARD")
+            .arg(self.due_key(sub))
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Forgets a deleted subscription's queue and log.
+    pub async fn drop_subscription(&self, sub: &str) -> Result<(), RedisError> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .del(self.due_key(sub))
+            .ignore()
+            .del(self.log_key(sub))
+            .ignore()
+            .query_async(&mut conn)
+            .await
+    }
+}

@@ -1,0 +1,632 @@
+//! Outbound delivery end to end (`hooklog-processor deliver`) on Tansu and
+//! Redis: the seed's agent-to-agent scenario, retries, 410, the DLQ after
+//! the schedule, isolation of a slow subscriber, kill -9, the SSRF guard,
+//! secret rotation and automatic disabling.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use hooklog_e2e::receiver::{Hit, Receiver};
+use hooklog_e2e::sign::{self, mac, now};
+use hooklog_e2e::{events, eventually, get_json, kafka, secret, unique, TestEnv, API_KEY};
+use serde_json::{json, Value};
+
+use crate::ingest::post;
+
+async fn api(
+    env: &TestEnv,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<String>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{}{path}", env.delivery_url()))
+        .timeout(Duration::from_secs(10));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b);
+    }
+    let resp = req.send().await.expect("api request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Subscribes `url` to `event_type`; returns (id, secret).
+async fn subscribe(env: &TestEnv, event_type: &str, url: &str) -> (String, String) {
+    let (status, body) = api(
+        env,
+        reqwest::Method::POST,
+        "/api/v1/webhooks",
+        Some(API_KEY),
+        Some(
+            json!({"event_type": event_type, "callback_url": url, "description": "e2e"})
+                .to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    (
+        body["id"].as_str().unwrap().to_owned(),
+        body["secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The FulfillmentAgent: posts a signed order event to ingest; returns its event id.
+async fn ship(env: &TestEnv, body: &str) -> String {
+    let headers = sign::headers(
+        "hmac-sha256",
+        secret("fulfillment"),
+        body.as_bytes(),
+        now(),
+        "",
+    );
+    let r = post(env, "fulfillment", &headers, body.as_bytes().to_vec()).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    r.json["event_id"].as_str().unwrap().to_owned()
+}
+
+fn order(event_id: &str, order_id: &str, event_type: &str) -> String {
+    json!({"event_id": event_id, "event_type": event_type, "order_id": order_id,
+           "shipping_carrier": "FedEx", "tracking_number": "1Z", "shipped_at": "2025-03-01T12:00:00Z"})
+    .to_string()
+}
+
+async fn wait_hits(r: &Receiver, n: usize, timeout: Duration) -> Vec<Hit> {
+    eventually(&format!("{n} deliveries"), timeout, || async {
+        let h = r.hits();
+        (h.len() >= n).then_some(h)
+    })
+    .await
+}
+
+/// The seed's Python recipe: `hmac.new(secret.encode(), body, sha256).hexdigest()`.
+fn seed_verifies(secret: &str, hit: &Hit) -> bool {
+    let expected = hex::encode(mac(secret.as_bytes(), &[&hit.body]));
+    hit.header("x-webhook-signature") == Some(expected.as_str())
+}
+
+/// Standard Webhooks: any listed `v1,` signature under the secret's key.
+fn standard_verifies(secret: &str, hit: &Hit) -> bool {
+    let key = B64.decode(secret.trim_start_matches("whsec_")).unwrap();
+    let id = hit.header("webhook-id").unwrap_or_default();
+    let ts = hit.header("webhook-timestamp").unwrap_or_default();
+    let expected = format!(
+        "v1,{}",
+        B64.encode(mac(
+            &key,
+            &[id.as_bytes(), b".", ts.as_bytes(), b".", &hit.body]
+        ))
+    );
+    hit.header("webhook-signature")
+        .unwrap_or_default()
+        .split(' ')
+        .any(|s| s == expected)
+}
+
+fn dlq_for(env: &TestEnv, event_id: &str, sub: &str) -> Option<kafka::Rec> {
+    kafka::read_all(&env.brokers, "hooklog.delivery.dlq")
+        .into_iter()
+        .find(|r| {
+            r.key_str() == event_id && r.header("hooklog-subscription-id").as_deref() == Some(sub)
+        })
+}
+
+#[tokio::test]
+async fn seed_agent_to_agent_order_shipped_is_delivered_signed_and_projected() {
+    let env = TestEnv::new("dlv-seed");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _processor = env.processor();
+    let deliverer = env.deliverer();
+    // The CustomerServiceAgent subscribes to the FulfillmentAgent's order.shipped.
+    let agent = Receiver::start(&[200], Duration::ZERO).await;
+    let (id, sub_secret) = subscribe(&env, "order.shipped", &agent.url).await;
+    assert!(id.starts_with("sub_") && sub_secret.starts_with("whsec_"));
+
+    let event_id = ship(&env, events::SEED_ORDER_SHIPPED).await;
+    let hits = wait_hits(&agent, 1, Duration::from_secs(60)).await;
+    let hit = &hits[0];
+    assert_eq!(
+        hit.body,
+        events::SEED_ORDER_SHIPPED.as_bytes(),
+        "identical bytes"
+    );
+    assert!(
+        seed_verifies(&sub_secret, hit),
+        "X-Webhook-Signature per the seed recipe"
+    );
+    assert!(
+        standard_verifies(&sub_secret, hit),
+        "Standard Webhooks signature"
+    );
+    assert_eq!(hit.header("webhook-id"), Some(event_id.as_str()));
+    assert_eq!(hit.header("x-webhook-event-type"), Some("order.shipped"));
+    let ts: i64 = hit.header("webhook-timestamp").unwrap().parse().unwrap();
+    assert!((ts - now()).abs() < 60);
+
+    // The orders projection shows the shipment.
+    let url = format!("{}/v1/projections/orders/ORD-633261", env.processor_url());
+    let state = eventually("orders projection", Duration::from_secs(60), || async {
+        get_json(&url)
+            .await
+            .filter(|s| s.to_string().contains("\"shipped\""))
+    })
+    .await;
+    assert!(state.to_string().contains("1ZBPWJXU5C9BPQBMCI"), "{state}");
+
+    // The API: list, read (no secret), delivery log, auth.
+    let (s, list) = api(
+        &env,
+        reqwest::Method::GET,
+        "/api/v1/webhooks",
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(list["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w["id"] == id.as_str()));
+    let (s, one) = api(
+        &env,
+        reqwest::Method::GET,
+        &format!("/api/v1/webhooks/{id}"),
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, one["event_type"].as_str(), one["enabled"].as_bool()),
+        (200, Some("order.shipped"), Some(true))
+    );
+    assert!(one.get("secret").is_none() && !one.to_string().contains(&sub_secret));
+    let log = eventually("delivery log", Duration::from_secs(10), || async {
+        let (_, l) = api(
+            &env,
+            reqwest::Method::GET,
+            &format!("/api/v1/webhooks/{id}/deliveries"),
+            Some(API_KEY),
+            None,
+        )
+        .await;
+        (l["deliveries"].as_array().is_some_and(|d| !d.is_empty())).then_some(l)
+    })
+    .await;
+    let d = &log["deliveries"][0];
+    assert_eq!(
+        (
+            d["event_id"].as_str(),
+            d["attempt"].as_u64(),
+            d["status_code"].as_u64(),
+            d["outcome"].as_str()
+        ),
+        (
+            Some(event_id.as_str()),
+            Some(1),
+            Some(200),
+            Some("delivered")
+        )
+    );
+    for key in [None, Some("wrong-key")] {
+        let (s, body) = api(&env, reqwest::Method::GET, "/api/v1/webhooks", key, None).await;
+        assert_eq!((s, body["error"].as_str()), (401, Some("unauthorized")));
+    }
+    // An event type nobody subscribed to is not delivered.
+    ship(&env, &order(&unique("evt_"), "ORD-X", "order.delivered")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(agent.hits().len(), 1);
+    // Neither the subscription secret nor the API key reaches the logs.
+    let logs = deliverer.log_text();
+    assert!(!logs.contains(&sub_secret) && !logs.contains(API_KEY));
+    assert!(logs.contains(&id), "the log names the subscription");
+}
+
+#[tokio::test]
+async fn retries_then_delivers_once_410_disables_and_a_down_receiver_ends_in_the_dlq() {
+    let env = TestEnv::new("dlv-retry");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _deliverer = env.deliverer();
+    let flaky = Receiver::start(&[500, 500, 200], Duration::ZERO).await;
+    let gone = Receiver::start(&[410], Duration::ZERO).await;
+    let down = Receiver::start(&[200], Duration::ZERO).await;
+    down.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, _) = subscribe(&env, "order.*", &flaky.url).await;
+    let (gone_id, _) = subscribe(&env, "order.shipped", &gone.url).await;
+    let (down_id, _) = subscribe(&env, "order.shipped", &down.url).await;
+
+    let event_id = ship(&env, &order(&unique("evt_"), "ORD-R1", "order.shipped")).await;
+    let hits = wait_hits(&flaky, 3, Duration::from_secs(60)).await;
+    assert_eq!(
+        hits.iter().map(|h| h.status).collect::<Vec<_>>(),
+        vec![500, 500, 200]
+    );
+    assert!(hits
+        .iter()
+        .all(|h| h.header("webhook-id") == Some(event_id.as_str())));
+    assert!(
+        hits[1].at - hits[0].at >= Duration::from_millis(700),
+        "retried after the schedule's delay"
+    );
+
+    // The 410 receiver was asked once and its subscription is disabled.
+    let (_, sub) = api(
+        &env,
+        reqwest::Method::GET,
+        &format!("/api/v1/webhooks/{gone_id}"),
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(sub["enabled"], false, "{sub}");
+    assert!(sub["disabled_reason"].as_str().unwrap().contains("410"));
+
+    // The down receiver's attempt is in the DLQ with its reason after the schedule.
+    let dead = eventually("delivery DLQ record", Duration::from_secs(60), || async {
+        dlq_for(&env, &event_id, &down_id)
+    })
+    .await;
+    assert_eq!(
+        dead.header("hooklog-dlq-reason").as_deref(),
+        Some("max_attempts")
+    );
+    assert_eq!(dead.header("hooklog-attempts").as_deref(), Some("3"));
+    assert!(
+        dead.header("hooklog-dlq-detail")
+            .unwrap()
+            .contains("connect"),
+        "{:?}",
+        dead.header("hooklog-dlq-detail")
+    );
+    assert_eq!(
+        dead.value.as_deref(),
+        Some(hits[0].body.as_slice()),
+        "the DLQ record carries the raw body"
+    );
+
+    // Later events: the flaky one is healthy now; the 410 one is never asked again.
+    let second = ship(&env, &order(&unique("evt_"), "ORD-R2", "order.shipped")).await;
+    let hits = wait_hits(&flaky, 4, Duration::from_secs(30)).await;
+    assert_eq!(hits[3].header("webhook-id"), Some(second.as_str()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(flaky.hits().len(), 4, "delivered once each");
+    assert_eq!(gone.hits().len(), 1, "no attempts after 410");
+    let m = hooklog_e2e::metric(
+        &env.delivery_url(),
+        "hooklog_delivery_attempts_total",
+        &["outcome=\"delivered\""],
+    )
+    .await;
+    assert_eq!(m, 2.0);
+}
+
+#[tokio::test]
+async fn a_slow_subscriber_does_not_delay_a_healthy_one() {
+    let env = TestEnv::on(
+        "dlv-slow",
+        &hooklog_e2e::shared_stack().brokers,
+        &hooklog_e2e::shared_stack().redis_url,
+        "[delivery]\nendpoint_concurrency = 2",
+    );
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _deliverer = env.deliverer();
+    let slow = Receiver::start(&[200], Duration::from_millis(1500)).await;
+    let healthy = Receiver::start(&[200], Duration::ZERO).await;
+    subscribe(&env, "order.shipped", &slow.url).await;
+    subscribe(&env, "order.shipped", &healthy.url).await;
+    let n = 12;
+    let started = Instant::now();
+    let mut sent_at = HashMap::new();
+    for i in 0..n {
+        let id = ship(
+            &env,
+            &order(&unique("evt_"), &format!("ORD-S{i}"), "order.shipped"),
+        )
+        .await;
+        sent_at.insert(id, Instant::now());
+    }
+    let healthy_hits = wait_hits(&healthy, n, Duration::from_secs(60)).await;
+    let healthy_done = started.elapsed();
+    let slow_hits = wait_hits(&slow, n, Duration::from_secs(90)).await;
+    let slow_done = started.elapsed();
+    let worst_healthy = healthy_hits
+        .iter()
+        .map(|h| h.at - sent_at[h.header("webhook-id").unwrap()])
+        .max()
+        .unwrap();
+    println!(
+        "slow subscriber: healthy received all {n} in {healthy_done:?} (worst latency {worst_healthy:?}); slow in {slow_done:?}"
+    );
+    assert_eq!(slow_hits.len(), n);
+    // 12 events × 1.5 s at 2 in flight is ≥ 9 s for the slow one; the
+    // healthy one must not wait for it.
+    assert!(slow_done >= Duration::from_secs(8), "{slow_done:?}");
+    assert!(worst_healthy < Duration::from_secs(4), "{worst_healthy:?}");
+    assert!(
+        healthy_done * 2 < slow_done,
+        "{healthy_done:?} vs {slow_done:?}"
+    );
+}
+
+#[tokio::test]
+async fn kill_9_mid_stream_delivers_every_event_at_least_once_with_stable_ids() {
+    let env = TestEnv::new("dlv-kill");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let mut deliverer = env.deliverer();
+    let agent = Receiver::start(&[200], Duration::from_millis(50)).await;
+    let (id, _) = subscribe(&env, "order.shipped", &agent.url).await;
+    let n = 150;
+    let mut sent = HashMap::new();
+    for i in 0..n {
+        let body = order(&unique("evt_"), &format!("ORD-K{i}"), "order.shipped");
+        let event_id = ship(&env, &body).await;
+        sent.insert(event_id, body);
+        if i == 40 {
+            deliverer.kill();
+        }
+    }
+    // Subscriptions survive the restart (they live in Redis).
+    deliverer.start();
+    hooklog_e2e::wait_http_ok(
+        &format!("{}/readyz", env.delivery_url()),
+        Duration::from_secs(60),
+    );
+    let (s, _) = api(
+        &env,
+        reqwest::Method::GET,
+        &format!("/api/v1/webhooks/{id}"),
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let hits = eventually(
+        "every event delivered",
+        Duration::from_secs(120),
+        || async {
+            let h = agent.hits();
+            let got: HashSet<&str> = h.iter().filter_map(|h| h.header("webhook-id")).collect();
+            sent.keys()
+                .all(|k| got.contains(k.as_str()))
+                .then_some(h.clone())
+        },
+    )
+    .await;
+    let mut per_id: HashMap<&str, Vec<&Hit>> = HashMap::new();
+    for h in &hits {
+        per_id
+            .entry(h.header("webhook-id").unwrap())
+            .or_default()
+            .push(h);
+    }
+    assert_eq!(per_id.len(), n, "no unknown ids");
+    for (event_id, hs) in &per_id {
+        for h in hs {
+            assert_eq!(
+                h.body,
+                sent[*event_id].as_bytes(),
+                "a duplicate carries the same id and bytes"
+            );
+        }
+    }
+    println!("kill -9: {} deliveries for {n} events", hits.len());
+}
+
+#[tokio::test]
+async fn ssrf_guard_and_api_validation() {
+    let stack = hooklog_e2e::shared_stack();
+    let env = TestEnv::on(
+        "dlv-ssrf",
+        &stack.brokers,
+        &stack.redis_url,
+        "[delivery]\nallow_private_networks = false",
+    );
+    env.create_topics();
+    let _deliverer = env.deliverer();
+    let post = |body: String| {
+        api(
+            &env,
+            reqwest::Method::POST,
+            "/api/v1/webhooks",
+            Some(API_KEY),
+            Some(body),
+        )
+    };
+    for url in [
+        "http://127.0.0.1:9999/hook",
+        "http://localhost:8080/x",
+        "http://[::1]/x",
+        "http://169.254.169.254/latest/meta-data",
+    ] {
+        let (s, body) =
+            post(json!({"event_type": "order.shipped", "callback_url": url}).to_string()).await;
+        assert_eq!(
+            (s, body["error"].as_str(), body["field"].as_str()),
+            (422, Some("validation_failed"), Some("callback_url")),
+            "{url}: {body}"
+        );
+        assert!(
+            body["message"].as_str().unwrap().contains("non-public"),
+            "{body}"
+        );
+    }
+    let cases = [
+        ("{not json", 400, "invalid_json"),
+        ("[1]", 400, "invalid_json"),
+        (
+            r#"{"callback_url":"https://example.com/x"}"#,
+            422,
+            "event_type",
+        ),
+        (
+            r#"{"event_type":"order*","callback_url":"https://example.com/x"}"#,
+            422,
+            "event_type",
+        ),
+        (r#"{"event_type":"order.shipped"}"#, 422, "callback_url"),
+        (
+            r#"{"event_type":"order.shipped","callback_url":"ftp://example.com/x"}"#,
+            422,
+            "callback_url",
+        ),
+        (
+            r#"{"event_type":"order.shipped","callback_url":"https://example.com/x","colour":"red"}"#,
+            422,
+            "colour",
+        ),
+        (
+            r#"{"event_type":5,"callback_url":"https://example.com/x"}"#,
+            422,
+            "event_type",
+        ),
+    ];
+    for (body, status, what) in cases {
+        let (s, j) = post(body.into()).await;
+        assert_eq!(s, status, "{body}: {j}");
+        assert!(
+            j["error"].as_str() == Some(what) || j["field"].as_str() == Some(what),
+            "{body}: {j}"
+        );
+    }
+    let (s, _) = api(
+        &env,
+        reqwest::Method::DELETE,
+        "/api/v1/webhooks/sub_nope",
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test]
+async fn rotation_signs_with_both_secrets_during_the_grace_period() {
+    let env = TestEnv::new("dlv-rotate");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _deliverer = env.deliverer();
+    let agent = Receiver::start(&[200], Duration::ZERO).await;
+    let (id, old) = subscribe(&env, "order.shipped", &agent.url).await;
+    let (s, rotated) = api(
+        &env,
+        reqwest::Method::POST,
+        &format!("/api/v1/webhooks/{id}/rotate-secret"),
+        Some(API_KEY),
+        Some(r#"{"grace_period_secs": 600}"#.into()),
+    )
+    .await;
+    assert_eq!(s, 200, "{rotated}");
+    let new = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    ship(&env, &order(&unique("evt_"), "ORD-ROT1", "order.shipped")).await;
+    let hit = wait_hits(&agent, 1, Duration::from_secs(60))
+        .await
+        .remove(0);
+    assert_eq!(
+        hit.header("webhook-signature").unwrap().split(' ').count(),
+        2
+    );
+    assert!(
+        standard_verifies(&old, &hit),
+        "a receiver holding the old secret verifies"
+    );
+    assert!(
+        standard_verifies(&new, &hit),
+        "a receiver holding the new secret verifies"
+    );
+    assert!(
+        seed_verifies(&new, &hit),
+        "X-Webhook-Signature uses the current secret"
+    );
+
+    // A rotation without grace: only the newest secret signs.
+    let (_, again) = api(
+        &env,
+        reqwest::Method::POST,
+        &format!("/api/v1/webhooks/{id}/rotate-secret"),
+        Some(API_KEY),
+        Some(r#"{"grace_period_secs": 0}"#.into()),
+    )
+    .await;
+    let newest = again["secret"].as_str().unwrap().to_owned();
+    ship(&env, &order(&unique("evt_"), "ORD-ROT2", "order.shipped")).await;
+    let hit = wait_hits(&agent, 2, Duration::from_secs(60))
+        .await
+        .remove(1);
+    assert!(standard_verifies(&newest, &hit) && seed_verifies(&newest, &hit));
+    assert!(!standard_verifies(&new, &hit) && !standard_verifies(&old, &hit));
+    // Delete: no more deliveries.
+    let (s, _) = api(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/api/v1/webhooks/{id}"),
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(s, 204);
+    ship(&env, &order(&unique("evt_"), "ORD-ROT3", "order.shipped")).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(agent.hits().len(), 2);
+}
+
+#[tokio::test]
+async fn an_endpoint_failing_for_long_is_disabled_and_reported() {
+    let stack = hooklog_e2e::shared_stack();
+    let env = TestEnv::on(
+        "dlv-disable",
+        &stack.brokers,
+        &stack.redis_url,
+        "[delivery]\nretry_schedule_secs = [1, 1, 1, 1, 1, 1]\ndisable_after_failing_secs = 2",
+    );
+    env.create_topics();
+    let _ingest = env.ingest();
+    let deliverer = env.deliverer();
+    let failing = Receiver::start(&[503], Duration::ZERO).await;
+    let (id, _) = subscribe(&env, "order.shipped", &failing.url).await;
+    let event_id = ship(&env, &order(&unique("evt_"), "ORD-D1", "order.shipped")).await;
+    let sub = eventually("auto-disable", Duration::from_secs(60), || async {
+        let (_, s) = api(
+            &env,
+            reqwest::Method::GET,
+            &format!("/api/v1/webhooks/{id}"),
+            Some(API_KEY),
+            None,
+        )
+        .await;
+        (s["enabled"] == false).then_some(s)
+    })
+    .await;
+    assert!(
+        sub["disabled_reason"].as_str().unwrap().contains("failing"),
+        "{sub}"
+    );
+    let dead = eventually("DLQ record", Duration::from_secs(30), || async {
+        dlq_for(&env, &event_id, &id)
+    })
+    .await;
+    assert_eq!(
+        dead.header("hooklog-dlq-reason").as_deref(),
+        Some("subscription_disabled")
+    );
+    let attempts = failing.hits().len();
+    assert!((2..=5).contains(&attempts), "{attempts}");
+    let disabled = hooklog_e2e::metric(
+        &env.delivery_url(),
+        "hooklog_delivery_subscriptions_disabled_total",
+        &["failing"],
+    )
+    .await;
+    assert_eq!(disabled, 1.0);
+    assert!(deliverer.log_text().contains("disabled automatically"));
+}
