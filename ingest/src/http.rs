@@ -135,6 +135,8 @@ async fn receive(
         event_type = field::Empty,
         trace_id = field::Empty,
     );
+    // Continue the caller's trace (when traces are exported).
+    hooklog_schemas::telemetry::set_parent(&span, |k| headers.get(k).and_then(|v| v.to_str().ok()));
     let result = handle(&state, source, &headers, body)
         .instrument(span)
         .await;
@@ -192,10 +194,14 @@ async fn handle(
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse);
-    let trace = incoming
-        .as_ref()
-        .map(TraceParent::child)
-        .unwrap_or_else(TraceParent::new_root);
+    // The exported span's own context, or (export off) a child of the
+    // caller's context, or a new trace: the record always carries one.
+    let trace = hooklog_schemas::telemetry::context_of(&span).unwrap_or_else(|| {
+        incoming
+            .as_ref()
+            .map(TraceParent::child)
+            .unwrap_or_else(TraceParent::new_root)
+    });
     span.record("trace_id", trace.trace_id.as_str());
 
     let event = WebhookEvent {

@@ -25,7 +25,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    hooklog_schemas::process::init_logging(args.log_format.as_deref());
+    let _telemetry = hooklog_schemas::telemetry::init("hooklog-ingest", args.log_format.as_deref());
     let config = Config::load(&args.config)?;
     if args.check_config {
         hooklog_ingest::build_state(&config, hooklog_ingest::http::system_clock())?;

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hooklog_schemas::headers;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +19,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::projection::spec::ProjectionSpec;
 use crate::projection::store::{EntityState, Store, Target};
+use crate::spans::{BatchSpans, Phase};
 
 /// Shared health flags for `/readyz`.
 #[derive(Default)]
@@ -120,9 +120,10 @@ impl Pipeline {
         for _ in 0..plan.unmatched {
             self.metrics.unmatched();
         }
+        let spans = BatchSpans::live(batch);
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.try_process(batch, &plan).await {
+            match self.try_process(batch, &plan, &spans).await {
                 Ok(()) => break,
                 Err((dependency, e)) => {
                     self.metrics.retry(dependency);
@@ -149,17 +150,21 @@ impl Pipeline {
         &self,
         batch: &[Record],
         plan: &crate::batch::Plan,
+        spans: &BatchSpans,
     ) -> Result<(), (&'static str, String)> {
         let refs: Vec<_> = plan
             .updates
             .iter()
             .map(|(u, id, _)| (u, id.as_str()))
             .collect();
+        let apply_spans = spans.phase(Phase::Apply);
         let results = self
             .store
             .apply_batch(&refs, Target::Live)
             .await
             .map_err(|e| ("redis", e.to_string()))?;
+        drop(apply_spans);
+        let changelog_spans = spans.phase(Phase::Changelog);
         if !results.is_empty() && crash_before_changelog() {
             warn!("Fault hook: exiting between apply and changelog.");
             std::process::exit(86);
@@ -174,7 +179,7 @@ impl Pipeline {
             self.metrics.applied(&res.state.projection, res.applied);
             // Duplicates re-emit the current state too: if a previous run
             // died between apply and changelog, this is the delivery.
-            let traceparent = batch[*idx].header(headers::TRACEPARENT).map(<[u8]>::to_vec);
+            let traceparent = spans.traceparent(&changelog_spans, batch, *idx);
             let key = (res.state.projection.clone(), res.state.key.clone());
             match slot.get(&key) {
                 Some(&i) => states[i] = (res.state, traceparent),
@@ -185,6 +190,7 @@ impl Pipeline {
             }
         }
         self.publish_states(states).await?;
+        drop(changelog_spans);
         if !plan.poison.is_empty() {
             let dead: Vec<_> = plan
                 .poison

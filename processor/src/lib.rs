@@ -11,6 +11,7 @@
 //! - [`changelog`]: changelog and DLQ producer;
 //! - [`api`]: read API, health, metrics, rebuild endpoint;
 //! - [`rebuild`]: replay into a new version, switch or verify;
+//! - [`spans`]: per-record OpenTelemetry spans of batched work;
 //! - [`topics`]: topic creation through the admin API;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`delivery`]: outbound delivery to subscribed agent services
@@ -25,6 +26,7 @@ pub mod delivery;
 pub mod metrics;
 pub mod projection;
 pub mod rebuild;
+pub mod spans;
 pub mod topics;
 
 use std::collections::HashSet;

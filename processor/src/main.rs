@@ -68,7 +68,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    hooklog_schemas::process::init_logging(args.log_format.as_deref());
+    let _telemetry =
+        hooklog_schemas::telemetry::init("hooklog-processor", args.log_format.as_deref());
     let config = Config::load(&args.config)?;
     match args.command.unwrap_or(Command::Run) {
         Command::Run => {

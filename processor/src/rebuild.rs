@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::projection::spec::ProjectionSpec;
 use crate::projection::store::{Store, Target};
+use crate::spans::{BatchSpans, Phase};
 
 /// What the caller wants once the replay caught up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -373,6 +374,8 @@ async fn replay(
             .iter()
             .map(|(u, id, _)| (u, id.as_str()))
             .collect();
+        let replay_spans = BatchSpans::replay(&batch, &spec.name);
+        let apply_spans = replay_spans.phase(Phase::Apply);
         let mut backoff = Duration::from_millis(100);
         loop {
             match store.apply_batch(&refs, Target::Version(version)).await {
@@ -384,6 +387,7 @@ async fn replay(
                 }
             }
         }
+        drop((apply_spans, replay_spans));
         done += batch.len() as u64;
         for r in &batch {
             let key = (r.topic.clone(), r.partition);

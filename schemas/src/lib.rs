@@ -10,7 +10,8 @@
 //! - [`config`]: loading `hooklog.toml` with `HOOKLOG_*` env overrides;
 //! - [`trace`]: W3C `traceparent` parsing and generation;
 //! - [`process`]: logging set-up and the shutdown signal of both binaries;
-//! - [`secret_ref`]: `env:`/`file:` secret references.
+//! - [`secret_ref`]: `env:`/`file:` secret references;
+//! - [`telemetry`]: JSON logs and OpenTelemetry trace export.
 
 pub mod config;
 pub mod envelope;
@@ -18,6 +19,7 @@ pub mod headers;
 pub mod kafka;
 pub mod process;
 pub mod secret_ref;
+pub mod telemetry;
 pub mod topics;
 pub mod trace;
 

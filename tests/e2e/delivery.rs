@@ -347,9 +347,9 @@ async fn a_slow_subscriber_does_not_delay_a_healthy_one() {
         "slow subscriber: healthy received all {n} in {healthy_done:?} (worst latency {worst_healthy:?}); slow in {slow_done:?}"
     );
     assert_eq!(slow_hits.len(), n);
-    // 12 events × 1.5 s at 2 in flight is ≥ 9 s for the slow one; the
+    // 12 events × 1.5 s at 2 in flight: the last one arrives after ≥ 7.5 s; the
     // healthy one must not wait for it.
-    assert!(slow_done >= Duration::from_secs(8), "{slow_done:?}");
+    assert!(slow_done >= Duration::from_secs(7), "{slow_done:?}");
     assert!(worst_healthy < Duration::from_secs(4), "{worst_healthy:?}");
     assert!(
         healthy_done * 2 < slow_done,
@@ -375,6 +375,9 @@ async fn kill_9_mid_stream_delivers_every_event_at_least_once_with_stable_ids() 
             deliverer.kill();
         }
     }
+    // Let the killed member's session expire before its replacement joins
+    // (Tansu 0.6.0 can stall a join while a dead member is registered).
+    tokio::time::sleep(Duration::from_secs(12)).await;
     // Subscriptions survive the restart (they live in Redis).
     deliverer.start();
     hooklog_e2e::wait_http_ok(

@@ -3,6 +3,7 @@
 mod delivery;
 mod foundation;
 mod ingest;
+mod observability;
 mod processor;
 mod projection;
 mod rebuild;

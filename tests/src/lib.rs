@@ -15,6 +15,7 @@
 
 pub mod events;
 pub mod kafka;
+pub mod otlp;
 pub mod proxy;
 pub mod receiver;
 pub mod sign;
@@ -601,6 +602,11 @@ name = "customers"
 
     /// Runs `hooklog-processor <args>` to completion; returns (success, stdout+stderr).
     pub fn processor_cmd(&self, args: &[&str]) -> (bool, String) {
+        self.processor_cmd_env(args, &[])
+    }
+
+    /// [`TestEnv::processor_cmd`] with extra environment variables.
+    pub fn processor_cmd_env(&self, args: &[&str], extra: &[(&str, String)]) -> (bool, String) {
         let mut cmd = Command::new(bin("hooklog-processor"));
         for (k, _) in std::env::vars() {
             if k.starts_with("HOOKLOG_") {
@@ -610,6 +616,7 @@ name = "customers"
         let out = cmd
             .args(args)
             .envs(self.envs())
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .output()
             .expect("run processor");
         let text = format!(
@@ -632,9 +639,14 @@ name = "customers"
         Service::new(name, bin(binary), args, &envs)
     }
 
+    /// Defines the ingest service (not started).
+    pub fn ingest_service(&self) -> Service {
+        self.service("ingest", "hooklog-ingest", &[])
+    }
+
     /// Starts ingest and waits for `/readyz`.
     pub fn ingest(&self) -> Service {
-        let mut s = self.service("ingest", "hooklog-ingest", &[]);
+        let mut s = self.ingest_service();
         s.start();
         wait_http_ok(
             &format!("{}/readyz", self.ingest_url()),

@@ -1,0 +1,360 @@
+//! Observability end to end: one trace from the HTTP request through Kafka
+//! to the projection update (exported over OTLP to an in-process receiver),
+//! replays linked to the original trace, and exact metric values after a
+//! known sequence of requests.
+
+use std::time::Duration;
+
+use hooklog_e2e::otlp::{Collector, Span};
+use hooklog_e2e::sign::{self, now};
+use hooklog_e2e::{eventually, get_json, kafka, metric, secret, unique, wait_http_ok, TestEnv};
+use hooklog_schemas::trace::TraceParent;
+use serde_json::json;
+
+use crate::ingest::post;
+
+async fn spans_of(collector: &Collector, trace_id: &str, want: &[(&str, &str)]) -> Vec<Span> {
+    eventually(
+        &format!("spans {want:?} of trace {trace_id}"),
+        Duration::from_secs(60),
+        || async {
+            let spans: Vec<Span> = collector
+                .spans()
+                .into_iter()
+                .filter(|s| s.trace_id == trace_id)
+                .collect();
+            want.iter()
+                .all(|(svc, name)| spans.iter().any(|s| s.service == *svc && s.name == *name))
+                .then_some(spans)
+        },
+    )
+    .await
+}
+
+fn one<'a>(spans: &'a [Span], name: &str) -> &'a Span {
+    spans
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no {name} span"))
+}
+
+#[tokio::test]
+async fn one_trace_from_http_request_through_kafka_to_the_projection() {
+    let env = TestEnv::new("obs-trace");
+    env.create_topics();
+    let collector = Collector::start().await;
+    let otel = collector.env();
+    let mut ingest = env.ingest_service();
+    let mut processor = env.processor_service();
+    for (k, v) in &otel {
+        ingest.env(k, v);
+        processor.env(k, v);
+    }
+    ingest.start();
+    processor.start();
+    wait_http_ok(
+        &format!("{}/readyz", env.ingest_url()),
+        Duration::from_secs(30),
+    );
+    wait_http_ok(
+        &format!("{}/readyz", env.processor_url()),
+        Duration::from_secs(30),
+    );
+
+    // The provider's request carries a traceparent: ingest continues it.
+    let caller = TraceParent::new_root();
+    let order_id = unique("ORD-T");
+    let body =
+        json!({"event_id": unique("evt_"), "event_type": "order.shipped", "order_id": order_id,
+        "shipping_carrier": "UPS", "tracking_number": "1Z", "shipped_at": "2025-03-01T12:00:00Z"})
+        .to_string();
+    let mut headers = sign::headers(
+        "hmac-sha256",
+        secret("fulfillment"),
+        body.as_bytes(),
+        now(),
+        "",
+    );
+    headers.push(("traceparent".into(), caller.header_value()));
+    let r = post(&env, "fulfillment", &headers, body.into_bytes()).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let event_id = r.json["event_id"].as_str().unwrap().to_owned();
+
+    let spans = spans_of(
+        &collector,
+        &caller.trace_id,
+        &[
+            ("hooklog-ingest", "webhook"),
+            ("hooklog-processor", "hooklog.consume"),
+            ("hooklog-processor", "hooklog.apply"),
+            ("hooklog-processor", "hooklog.changelog"),
+        ],
+    )
+    .await;
+    let webhook = one(&spans, "webhook");
+    assert_eq!(
+        webhook.parent_span_id, caller.span_id,
+        "ingest continues the caller's span"
+    );
+    let consume = one(&spans, "hooklog.consume");
+    assert_eq!(
+        consume.parent_span_id, webhook.span_id,
+        "the processor continues ingest's span"
+    );
+    assert_eq!(one(&spans, "hooklog.apply").parent_span_id, consume.span_id);
+    let changelog = one(&spans, "hooklog.changelog");
+    assert_eq!(changelog.parent_span_id, consume.span_id);
+
+    // The raw record's header is ingest's span; the changelog record's is
+    // the changelog span: one trace id from the request to the state.
+    let raw = kafka::read_all(&env.brokers, &env.topic("fulfillment"))
+        .into_iter()
+        .find(|r| r.key_str() == event_id)
+        .expect("raw record");
+    let raw_tp = TraceParent::parse(&raw.header("traceparent").unwrap()).unwrap();
+    assert_eq!(
+        (raw_tp.trace_id.as_str(), raw_tp.span_id.as_str()),
+        (caller.trace_id.as_str(), webhook.span_id.as_str())
+    );
+    let state_tp = eventually("changelog record", Duration::from_secs(30), || async {
+        kafka::read_all(&env.brokers, "hooklog.state.orders")
+            .into_iter()
+            .rev()
+            .find(|r| r.key_str() == order_id)
+            .and_then(|r| TraceParent::parse(&r.header("traceparent")?))
+    })
+    .await;
+    assert_eq!(state_tp.trace_id, caller.trace_id);
+    assert!(spans
+        .iter()
+        .any(|s| s.span_id == state_tp.span_id && s.name == "hooklog.changelog"));
+    let state = get_json(&format!(
+        "{}/v1/projections/orders/{order_id}",
+        env.processor_url()
+    ))
+    .await;
+    assert!(state.is_some_and(|s| s.to_string().contains("UPS")));
+
+    // Without a traceparent ingest starts a trace, and the processor joins it.
+    let body = json!({"event_id": unique("evt_"), "event_type": "order.shipped", "order_id": unique("ORD-T2"),
+        "shipping_carrier": "DHL", "tracking_number": "1Z", "shipped_at": "2025-03-01T12:00:00Z"})
+    .to_string();
+    let headers = sign::headers(
+        "hmac-sha256",
+        secret("fulfillment"),
+        body.as_bytes(),
+        now(),
+        "",
+    );
+    let r = post(&env, "fulfillment", &headers, body.into_bytes()).await;
+    let second_id = r.json["event_id"].as_str().unwrap().to_owned();
+    let raw = eventually("second raw record", Duration::from_secs(30), || async {
+        kafka::read_all(&env.brokers, &env.topic("fulfillment"))
+            .into_iter()
+            .find(|r| r.key_str() == second_id)
+    })
+    .await;
+    let new_trace = TraceParent::parse(&raw.header("traceparent").unwrap())
+        .unwrap()
+        .trace_id;
+    assert_ne!(new_trace, caller.trace_id);
+    let spans = spans_of(
+        &collector,
+        &new_trace,
+        &[
+            ("hooklog-ingest", "webhook"),
+            ("hooklog-processor", "hooklog.apply"),
+        ],
+    )
+    .await;
+    assert_eq!(one(&spans, "webhook").parent_span_id, "", "a new root");
+
+    // A rebuild replays into new traces linked to the originals.
+    let (ok, out) = env.processor_cmd_env(
+        &["rebuild", "--projection", "orders", "--grace-secs", "0"],
+        &otel,
+    );
+    assert!(ok, "{out}");
+    let replay = eventually(
+        "replay span linked to the original trace",
+        Duration::from_secs(60),
+        || async {
+            collector
+                .spans()
+                .into_iter()
+                .find(|s| s.name == "hooklog.replay" && s.link_trace_ids.contains(&caller.trace_id))
+        },
+    )
+    .await;
+    assert_ne!(
+        replay.trace_id, caller.trace_id,
+        "a replay does not extend the old trace"
+    );
+    assert_eq!(replay.parent_span_id, "");
+    drop((ingest, processor));
+}
+
+#[tokio::test]
+async fn metrics_count_a_known_sequence_exactly() {
+    let env = TestEnv::new("obs-metrics");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _processor = env.processor();
+    let order = |id: &str| {
+        json!({"event_id": id, "event_type": "order.shipped", "order_id": unique("ORD-M"),
+               "shipping_carrier": "UPS", "tracking_number": "1Z", "shipped_at": "2025-03-01T12:00:00Z"})
+        .to_string()
+    };
+    // 3 accepted (one sent twice: 4 requests), 2 bad signatures, 1 missing header, 1 unknown type.
+    let ids: Vec<String> = (0..3).map(|_| unique("evt_")).collect();
+    let mut bodies: Vec<String> = ids.iter().map(|id| order(id)).collect();
+    bodies.push(bodies[0].clone());
+    for b in &bodies {
+        let h = sign::headers(
+            "hmac-sha256",
+            secret("fulfillment"),
+            b.as_bytes(),
+            now(),
+            "",
+        );
+        assert_eq!(
+            post(&env, "fulfillment", &h, b.clone().into_bytes())
+                .await
+                .status,
+            200
+        );
+    }
+    let other = json!({"event_id": unique("evt_"), "event_type": "order.lost"}).to_string();
+    let h = sign::headers(
+        "hmac-sha256",
+        secret("fulfillment"),
+        other.as_bytes(),
+        now(),
+        "",
+    );
+    assert_eq!(
+        post(&env, "fulfillment", &h, other.clone().into_bytes())
+            .await
+            .status,
+        200
+    );
+    for _ in 0..2 {
+        let h = sign::headers("hmac-sha256", "wrong-secret", other.as_bytes(), now(), "");
+        assert_eq!(
+            post(&env, "fulfillment", &h, other.clone().into_bytes())
+                .await
+                .status,
+            403
+        );
+    }
+    assert_eq!(
+        post(&env, "fulfillment", &[], other.into_bytes())
+            .await
+            .status,
+        400
+    );
+
+    let ingest = env.ingest_url();
+    let m = |name: &'static str, labels: &'static [&'static str]| metric(&ingest, name, labels);
+    assert_eq!(
+        m(
+            "hooklog_ingest_requests_total",
+            &["source=\"fulfillment\"", "status=\"200\""]
+        )
+        .await,
+        5.0
+    );
+    assert_eq!(
+        m(
+            "hooklog_ingest_requests_total",
+            &["source=\"fulfillment\"", "status=\"403\""]
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        m(
+            "hooklog_ingest_requests_total",
+            &["source=\"fulfillment\"", "status=\"400\""]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        m(
+            "hooklog_ingest_verification_failures_total",
+            &["source=\"fulfillment\"", "reason=\"bad_signature\""]
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        m(
+            "hooklog_ingest_verification_failures_total",
+            &["source=\"fulfillment\"", "reason=\"missing_header\""]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        m(
+            "hooklog_ingest_verifications_total",
+            &["source=\"fulfillment\"", "key_id=\"0\""]
+        )
+        .await,
+        5.0
+    );
+    assert_eq!(
+        m(
+            "hooklog_ingest_publish_duration_seconds_count",
+            &["source=\"fulfillment\""]
+        )
+        .await,
+        5.0
+    );
+    assert_eq!(m("hooklog_ingest_in_flight_requests", &[]).await, 0.0);
+
+    let processor = env.processor_url();
+    eventually(
+        "processor consumed all 5 records",
+        Duration::from_secs(60),
+        || async {
+            (metric(&processor, "hooklog_processor_consumed_records_total", &[]).await == 5.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let p = |name: &'static str, labels: &'static [&'static str]| metric(&processor, name, labels);
+    assert_eq!(
+        p(
+            "hooklog_processor_applied_events_total",
+            &["projection=\"orders\""]
+        )
+        .await,
+        3.0
+    );
+    assert_eq!(
+        p(
+            "hooklog_processor_duplicate_events_total",
+            &["projection=\"orders\""]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        p("hooklog_processor_unmatched_events_total", &[]).await,
+        1.0
+    );
+    assert_eq!(p("hooklog_processor_dlq_records_total", &[]).await, 0.0);
+    assert_eq!(p("hooklog_processor_paused", &[]).await, 0.0);
+    // Labels are bounded: no event id ever appears in /metrics.
+    for url in [&ingest, &processor] {
+        let text = reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(ids.iter().all(|id| !text.contains(id.as_str())));
+    }
+}
