@@ -203,7 +203,13 @@ impl Pipeline {
                 .map_err(|e| ("kafka", e.to_string()))?;
             for (i, reason, detail) in &plan.poison {
                 let r = &batch[*i];
-                warn!(topic = %r.topic, partition = r.partition, offset = r.offset, reason, detail, "Record dead-lettered.");
+                let event_id = r.key.as_deref().map(String::from_utf8_lossy);
+                let trace_id = r
+                    .header(hooklog_schemas::headers::TRACEPARENT)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(hooklog_schemas::trace::TraceParent::parse)
+                    .map(|t| t.trace_id);
+                warn!(topic = %r.topic, partition = r.partition, offset = r.offset, event_id = event_id.as_deref().unwrap_or(""), trace_id = trace_id.as_deref().unwrap_or(""), reason, detail, "Record dead-lettered.");
             }
         }
         // Count DLQ metrics once, after success.

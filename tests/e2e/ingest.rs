@@ -1,6 +1,7 @@
 //! hooklog-ingest end to end on Tansu: every scheme stores the raw body keyed
 //! by event id; every rejection has its status, JSON error and no record;
-//! broker outages answer 503; SIGTERM drains; secrets never reach the logs.
+//! broker outages answer 503; SIGTERM drains. (Log redaction is tested in
+//! `observability.rs`.)
 
 use std::time::{Duration, Instant};
 
@@ -438,45 +439,4 @@ async fn sigterm_during_a_burst_never_answers_200_without_the_record() {
         "no clean shutdown:\n{}",
         ingest.log_text()
     );
-}
-
-#[tokio::test]
-async fn secrets_never_appear_in_logs() {
-    let env = TestEnv::new("ingest-secrets");
-    env.create_topics();
-    let ingest = env.ingest();
-    let mut signatures = Vec::new();
-    for (source, _, _) in SECRETS {
-        let (headers, body, _) = signed(source, "evt-log");
-        assert_eq!(post(&env, source, &headers, body.clone()).await.status, 200);
-        let mut tampered = body.clone();
-        tampered.push(b'\n');
-        assert_eq!(post(&env, source, &headers, tampered).await.status, 403);
-        assert_eq!(post(&env, source, &[], body).await.status, 400);
-        signatures.extend(
-            headers
-                .into_iter()
-                .filter(|(k, _)| {
-                    k.to_lowercase().contains("sig") || k.to_lowercase().contains("hmac")
-                })
-                .map(|(_, v)| v),
-        );
-    }
-    let log = ingest.log_text();
-    assert!(
-        log.contains("Signature rejected."),
-        "the run did log rejections:\n{log}"
-    );
-    for (_, _, s) in SECRETS {
-        assert!(!log.contains(s), "a secret is in the log");
-        assert!(
-            !log.contains(s.trim_start_matches("whsec_")),
-            "a secret is in the log"
-        );
-    }
-    for sig in signatures {
-        for part in sig.split(['=', ',', ' ']).filter(|p| p.len() >= 16) {
-            assert!(!log.contains(part), "a signature value is in the log");
-        }
-    }
 }

@@ -358,3 +358,168 @@ async fn metrics_count_a_known_sequence_exactly() {
         assert!(ids.iter().all(|id| !text.contains(id.as_str())));
     }
 }
+
+/// The values of signature headers (not ids or timestamps, which are logged).
+fn signature_values(headers: Vec<(String, String)>) -> Vec<String> {
+    headers
+        .into_iter()
+        .filter(|(k, _)| {
+            let k = k.to_lowercase();
+            k.contains("sig") || k.contains("hmac")
+        })
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// Every log line of a service, parsed; panics on a line that is not JSON.
+fn json_lines(log: &str, who: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{who}: not a JSON log line ({e}): {l}"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn logs_are_json_with_their_fields_and_never_hold_secrets_signatures_or_bodies() {
+    use crate::ingest::signed;
+    use hooklog_e2e::SECRETS;
+    let env = TestEnv::new("obs-logs");
+    env.create_topics();
+    let ingest = env.ingest();
+    let processor = env.processor();
+    let mut signatures: Vec<String> = Vec::new();
+    let mut bodies: Vec<Vec<u8>> = Vec::new();
+    for (source, scheme, _) in SECRETS {
+        let (headers, body, _) = signed(source, &unique("evt-log-"));
+        assert_eq!(
+            post(&env, source, &headers, body.clone()).await.status,
+            200,
+            "{source}"
+        );
+        let mut tampered = body.clone();
+        tampered.push(b'\n');
+        assert_eq!(post(&env, source, &headers, tampered).await.status, 403);
+        assert_eq!(post(&env, source, &[], body.clone()).await.status, 400);
+        if ["stripe", "slack", "standard-webhooks"].contains(scheme) {
+            let stale = sign::headers(scheme, secret(source), &body, now() - 3600, "evt-old");
+            assert_eq!(post(&env, source, &stale, body.clone()).await.status, 403);
+            signatures.extend(signature_values(stale));
+        }
+        signatures.extend(signature_values(headers));
+        bodies.push(body);
+    }
+    let malformed = vec![(
+        "X-Webhook-Signature".to_string(),
+        "sha256=nothex".to_string(),
+    )];
+    assert_eq!(
+        post(&env, "fulfillment", &malformed, b"{}".to_vec())
+            .await
+            .status,
+        400
+    );
+    // An event the processor cannot map: dead-lettered, and logged as such.
+    let unmappable =
+        json!({"event_id": unique("evt-dlq-"), "event_type": "order.shipped"}).to_string();
+    let h = sign::headers(
+        "hmac-sha256",
+        secret("fulfillment"),
+        unmappable.as_bytes(),
+        now(),
+        "",
+    );
+    assert_eq!(
+        post(&env, "fulfillment", &h, unmappable.clone().into_bytes())
+            .await
+            .status,
+        200
+    );
+    bodies.push(unmappable.into_bytes());
+    eventually(
+        "processor dead-letter log",
+        Duration::from_secs(60),
+        || async {
+            processor
+                .log_text()
+                .contains("Record dead-lettered.")
+                .then_some(())
+        },
+    )
+    .await;
+
+    for (who, log) in [
+        ("ingest", ingest.log_text()),
+        ("processor", processor.log_text()),
+    ] {
+        for (_, _, s) in SECRETS {
+            assert!(
+                !log.contains(s) && !log.contains(s.trim_start_matches("whsec_")),
+                "{who}: a secret is in the log"
+            );
+        }
+        for sig in &signatures {
+            for part in sig.split(['=', ',', ' ']).filter(|p| p.len() >= 16) {
+                assert!(
+                    !log.contains(part),
+                    "{who}: a signature value is in the log"
+                );
+            }
+        }
+        for b in &bodies {
+            let text = String::from_utf8_lossy(b);
+            let escaped = serde_json::to_string(&text).unwrap();
+            assert!(
+                !log.contains(text.as_ref()) && !log.contains(&escaped[1..escaped.len() - 1]),
+                "{who}: a raw body is in the log"
+            );
+        }
+        let lines = json_lines(&log, who);
+        assert!(lines.len() > 5, "{who} logged");
+        for l in &lines {
+            for field in ["timestamp", "level", "target", "message"] {
+                assert!(l.get(field).is_some(), "{who}: no {field} in {l}");
+            }
+        }
+    }
+    let ingest_lines = json_lines(&ingest.log_text(), "ingest");
+    let rejected: Vec<_> = ingest_lines
+        .iter()
+        .filter(|l| l["message"] == "Signature rejected.")
+        .collect();
+    assert!(rejected.len() >= SECRETS.len() * 2);
+    for l in &rejected {
+        assert!(
+            l["reason"].is_string() && l["span"]["source"].is_string(),
+            "{l}"
+        );
+    }
+    let stored: Vec<_> = ingest_lines
+        .iter()
+        .filter(|l| l["message"] == "Event stored.")
+        .collect();
+    assert!(stored.len() >= SECRETS.len());
+    for l in &stored {
+        for f in ["source", "event_id", "event_type", "trace_id"] {
+            assert!(l["span"].get(f).is_some(), "no span.{f} in {l}");
+        }
+        assert!(l["partition"].is_number() && l["offset"].is_number(), "{l}");
+    }
+    let processor_lines = json_lines(&processor.log_text(), "processor");
+    let dead = processor_lines
+        .iter()
+        .find(|l| l["message"] == "Record dead-lettered.")
+        .expect("dead-letter line");
+    for f in [
+        "topic",
+        "partition",
+        "offset",
+        "event_id",
+        "trace_id",
+        "reason",
+    ] {
+        assert!(dead.get(f).is_some(), "no {f} in {dead}");
+    }
+}
