@@ -8,7 +8,8 @@
 -- ARGV[5] = idempotency marker TTL in seconds
 -- ARGV[6] = operations, JSON [{k=set|status|sum|count, f=field, v=json text, r=rank}]
 -- ARGV[7] = "" for live (current + building), or one version number (rebuild)
--- Returns {applied (1/0), version of the returned state, flat HGETALL}.
+-- ARGV[8] = "1" to return the entity's state, "" to skip it
+-- Returns {applied (1/0), version of the state, flat HGETALL or {}}.
 --
 -- State keys are derived from the pointers read here, inside the same
 -- script, so a rebuild's switch can never interleave with an apply. They
@@ -66,5 +67,8 @@ local applied = 0
 for i, version in ipairs(targets) do
   local a = apply(ARGV[1] .. version)
   if i == 1 then applied = a end
+end
+if ARGV[8] ~= '1' then
+  return {applied, targets[1], {}}
 end
 return {applied, targets[1], redis.call('HGETALL', ARGV[1] .. targets[1] .. ':e:' .. ARGV[3])}

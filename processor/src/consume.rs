@@ -175,17 +175,20 @@ impl Pipeline {
         // the changelog writes by the events per entity per batch.
         let mut states = Vec::with_capacity(results.len());
         let mut slot: HashMap<(String, String), usize> = HashMap::new();
-        for (res, (_, _, idx)) in results.into_iter().zip(&plan.updates) {
-            self.metrics.applied(&res.state.projection, res.applied);
+        for (res, (up, _, idx)) in results.into_iter().zip(&plan.updates) {
+            self.metrics.applied(&up.projection, res.applied);
+            let Some(state) = res.state else {
+                continue; // a later update of the same entity carries it
+            };
             // Duplicates re-emit the current state too: if a previous run
             // died between apply and changelog, this is the delivery.
             let traceparent = spans.traceparent(&changelog_spans, batch, *idx);
-            let key = (res.state.projection.clone(), res.state.key.clone());
+            let key = (state.projection.clone(), state.key.clone());
             match slot.get(&key) {
-                Some(&i) => states[i] = (res.state, traceparent),
+                Some(&i) => states[i] = (state, traceparent),
                 None => {
                     slot.insert(key, states.len());
-                    states.push((res.state, traceparent));
+                    states.push((state, traceparent));
                 }
             }
         }

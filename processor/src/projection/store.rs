@@ -57,8 +57,11 @@ pub struct EntityState {
 pub struct Applied {
     /// False when the event id was already applied in that version.
     pub applied: bool,
-    /// The entity's state after the apply.
-    pub state: EntityState,
+    /// The entity's state after the apply: on the live path only, and only
+    /// for the last update of each entity in the batch (the one the
+    /// changelog needs); reading and shipping every intermediate state was
+    /// most of the apply's cost.
+    pub state: Option<EntityState>,
 }
 
 /// Redis access for projections.
@@ -160,7 +163,13 @@ impl Store {
             Target::Live => String::new(),
             Target::Version(v) => v.to_string(),
         };
-        for (up, event_id) in updates {
+        let mut last_of_entity = std::collections::HashMap::new();
+        for (i, (up, _)) in updates.iter().enumerate() {
+            last_of_entity.insert((up.projection.as_str(), up.key.as_str()), i);
+        }
+        for (i, (up, event_id)) in updates.iter().enumerate() {
+            let want_state = target == Target::Live
+                && last_of_entity.get(&(up.projection.as_str(), up.key.as_str())) == Some(&i);
             let ops = serde_json::to_string(&up.ops).expect("ops serialize");
             pipe.cmd("EVALSHA")
                 .arg(self.script.get_hash())
@@ -173,7 +182,8 @@ impl Store {
                 .arg(clock(up.time_ms, event_id))
                 .arg(self.ttl_secs)
                 .arg(ops)
-                .arg(&version_arg);
+                .arg(&version_arg)
+                .arg(if want_state { "1" } else { "" });
         }
         let mut conn = self.conn.clone();
         let raw: Vec<(i64, String, Vec<String>)> = pipe.query_async(&mut conn).await?;
@@ -182,7 +192,9 @@ impl Store {
             .zip(updates)
             .map(|((applied, version, flat), (up, _))| Applied {
                 applied: applied == 1,
-                state: entity_state(&up.projection, &up.key, version.parse().unwrap_or(1), flat),
+                state: (!flat.is_empty()).then(|| {
+                    entity_state(&up.projection, &up.key, version.parse().unwrap_or(1), flat)
+                }),
             })
             .collect())
     }
