@@ -15,7 +15,7 @@ test: ## Install what is missing, lint, then run unit and end-to-end tests
 	$(MAKE) lint
 	TEST_THREADS=$(TEST_THREADS) CARGO=$(CARGO) deploy/local/test.sh
 
-test-scale: ## The 3 x 3 replica test with kill -9 and SIGTERM (alone, ~3 min)
+test-scale: ## Only the 3 x 3 replica test with kill -9 and SIGTERM (also part of make test)
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p hooklog-e2e --test e2e scale -- --ignored --test-threads=1
 

@@ -1,5 +1,5 @@
 //! Horizontal scale on one machine: 3 ingest and 3 processor replicas (one
-//! consumer group) on one broker with 6-partition raw topics. 20,000 events
+//! consumer group) on one broker with 6-partition raw topics. N events
 //! plus 10% redeliveries go through the ingest replicas while one processor
 //! is killed -9 and replaced (rebalances) and one ingest replica gets SIGTERM.
 //! Every acknowledged event must be applied exactly once.
@@ -15,21 +15,33 @@ use hooklog_e2e::sign::{self, now};
 use hooklog_e2e::{eventually, free_port, get_json, kafka, secret, Stack, TestEnv};
 use serde_json::Value;
 
-const EVENTS: usize = 6_000;
+/// Distinct events; `SCALE_EVENTS` overrides. The issue asks for 20,000,
+/// but Tansu 0.6.0's sqlite storage turns CPU-bound as its tables grow (at
+/// ~12,500 records here its produce rate fell to a few per second with one
+/// core at 100 %), so the default stays where a run finishes in minutes.
+fn events_to_send() -> usize {
+    std::env::var("SCALE_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6_000)
+}
 const CUSTOMERS: usize = 500;
 
-// Not in `make test`: passes alone (about 3 min, `make test-scale`), but
-// once under the parallel e2e load the replacement processor was never
-// given partitions by Tansu's group coordinator and the run timed out.
+// Ignored in the parallel run: `make test` runs it afterwards on its own
+// (deploy/local/test.sh), as does `make test-scale`. Under the parallel e2e
+// load Tansu's group coordinator was seen starving the replacement member.
 #[tokio::test]
-#[ignore = "heavy; run alone with `make test-scale`"]
+#[ignore = "heavy; run alone (make test runs it after the parallel suite)"]
 async fn three_by_three_replicas_apply_every_acknowledged_event_once() {
     let stack = Stack::start();
     let env = TestEnv::on(
         "scale",
         &stack.brokers,
         &stack.redis_url,
-        "[processor]\npartitions = 6",
+        // A long publish timeout: under this load on 2 cores a 3 s timeout
+        // expired, and the producer reset that follows raced Tansu 0.6.0's
+        // sqlite idempotence check into a panic (lite.rs:503).
+        "[server]\npublish_timeout_ms = 20000\n[processor]\npartitions = 6",
     );
     env.create_topics();
     assert_eq!(kafka::partitions(&env.brokers, &env.topic("stripe")), 6);
@@ -41,9 +53,10 @@ async fn three_by_three_replicas_apply_every_acknowledged_event_once() {
         .map(|p| env.processor_on(*p))
         .collect();
 
-    // 20,000 distinct events, then every 10th sent again (a provider retry).
-    let mut plan: Vec<usize> = (0..EVENTS).collect();
-    plan.extend((0..EVENTS).step_by(10));
+    // N distinct events, then every 10th sent again (a provider retry).
+    let n = events_to_send();
+    let mut plan: Vec<usize> = (0..n).collect();
+    plan.extend((0..n).step_by(10));
     let body = |i: usize| {
         let customer = format!("cus_{}_{}", env.id.replace('-', ""), i % CUSTOMERS);
         events::stripe_charge(
@@ -81,7 +94,7 @@ async fn three_by_three_replicas_apply_every_acknowledged_event_once() {
                     for (k, v) in &headers {
                         req = req.header(k, v);
                     }
-                    if let Ok(resp) = req.timeout(Duration::from_secs(15)).send().await {
+                    if let Ok(resp) = req.timeout(Duration::from_secs(30)).send().await {
                         if resp.status() == 200 {
                             sent.fetch_add(1, Ordering::SeqCst);
                             return Some(i);
@@ -92,19 +105,28 @@ async fn three_by_three_replicas_apply_every_acknowledged_event_once() {
             }
         });
         let stream = futures::stream::iter(requests)
-            .buffer_unordered(48)
+            .buffer_unordered(24)
             .collect::<Vec<_>>();
-        let chaos = async {
+        let kill_processor = async {
             while sent.load(Ordering::SeqCst) < plan.len() / 3 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             processors[0].kill();
+            // The replacement joins once the killed member's session (10 s)
+            // expired: Tansu 0.6.0 can stall a join while a dead member is
+            // still registered. Its partitions wait meanwhile (lag, no loss).
+            tokio::time::sleep(Duration::from_secs(12)).await;
             processors.push(env.processor_on(proc_ports[3]));
+        };
+        let stop_ingest = async {
             while sent.load(Ordering::SeqCst) < plan.len() * 2 / 3 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             down.store(2, Ordering::SeqCst);
             ingests[2].terminate();
+        };
+        let chaos = async {
+            tokio::join!(kill_processor, stop_ingest);
         };
         let (acked, ()) = tokio::join!(stream, chaos);
         acked
