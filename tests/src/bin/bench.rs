@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hooklog_e2e::events::{self, raw};
-use hooklog_e2e::{free_port, kafka, metric, secret, sign, Stack, TestEnv};
+use hooklog_e2e::{free_port, kafka, metric, secret, sign, Service, Stack, TestEnv};
 use serde_json::json;
 
 struct Load {
@@ -106,6 +106,73 @@ async fn load(
     }
 }
 
+/// Starts the seed article's receiver (bench/seed_receiver.py) under
+/// gunicorn, one sync worker per core, in a venv under .tools/; None (with
+/// the reason printed) when its packages cannot be installed. Skipped in
+/// the smoke run.
+fn seed_receiver(env: &TestEnv, smoke: bool) -> Option<(Service, u16)> {
+    if smoke {
+        return None;
+    }
+    let root = hooklog_e2e::root();
+    let venv = root.join(".tools/bench-venv");
+    let gunicorn = venv.join("bin/gunicorn");
+    if !gunicorn.exists() {
+        let ok = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::process::Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "-r"])
+                .arg(root.join("bench/seed-requirements.txt"))
+                .status()
+                .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("bench: seed-style receiver skipped: its Python packages did not install");
+            return None;
+        }
+    }
+    let port = free_port();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let bind = format!("127.0.0.1:{port}");
+    let workers = cores.to_string();
+    let chdir = root.join("bench").display().to_string();
+    let topic = env.topic("fulfillment");
+    let mut server = Service::new(
+        "seed-receiver",
+        gunicorn,
+        &[
+            "-w",
+            &workers,
+            "-b",
+            &bind,
+            "--chdir",
+            &chdir,
+            "seed_receiver:app",
+        ],
+        &[
+            ("SEED_SECRET", secret("fulfillment")),
+            ("SEED_BROKERS", &env.brokers),
+            ("SEED_TOPIC", &topic),
+        ],
+    );
+    server.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            eprintln!(
+                "bench: seed-style receiver did not start; see {}",
+                server.log.display()
+            );
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1)); // workers import the app
+    Some((server, port))
+}
+
 /// The physical HTTP limit: axum reading the body and answering 200.
 async fn bare_axum() -> u16 {
     let port = free_port();
@@ -189,6 +256,23 @@ async fn main() {
     )
     .await;
 
+    // 1b. The seed-style receiver (Flask + gunicorn + confluent-kafka).
+    let seed = match (smoke, seed_receiver(&env, smoke)) {
+        (false, Some((mut server, port))) => {
+            let r = load(
+                format!("http://127.0.0.1:{port}/webhooks/fulfillment"),
+                64,
+                duration,
+                max_requests,
+                warmup,
+            )
+            .await;
+            server.kill();
+            Some(r)
+        }
+        _ => None,
+    };
+
     // 2. The broker limit: the producer alone, same 1 KB records, many in flight.
     let producer = kafka::producer(&env.brokers);
     let payloads: Vec<(String, Vec<u8>)> = (0..records.min(200_000))
@@ -264,7 +348,12 @@ async fn main() {
         (
             "ingest → Tansu (verified, acks=all), req/s",
             hooklog.rps,
-            "≥ 0.8 × producer alone".to_string(),
+            "≥ 0.8 × producer alone, ≥ 10 × seed-style".to_string(),
+        ),
+        (
+            "seed-style Flask + gunicorn + confluent-kafka, req/s",
+            seed.as_ref().map_or(f64::NAN, |s| s.rps),
+            "baseline (seed article)".into(),
         ),
         (
             "bare axum (read body, 200), req/s",
@@ -297,7 +386,8 @@ async fn main() {
         hooklog.p50_ms, hooklog.p99_ms, hooklog.p999_ms, hooklog.non_2xx, hooklog.requests, ingest_rss as f64 / 1024.0, proc_rss as f64 / 1024.0
     ));
     table.push_str(&format!(
-        "| ratios | ingest / producer {:.2}, ingest / bare axum {:.2}, processor / batch-1 {:.1} | |\n",
+        "| ratios | ingest / seed-style {:.1}, ingest / producer {:.2}, ingest / bare axum {:.2}, processor / batch-1 {:.1} | |\n",
+        seed.as_ref().map_or(f64::NAN, |s| hooklog.rps / s.rps),
         hooklog.rps / producer_rps,
         hooklog.rps / bare.rps,
         proc_rate / naive_rate
@@ -335,13 +425,14 @@ async fn main() {
         "full (20 s loads, 1,000,000 records)"
     };
     let doc = format!(
-        "# Benchmarks\n\nWritten by `make bench` on {started_at}; mode: {mode}.\n\nMachine: {machine}. Broker: Tansu 0.6.0, memory storage (every reader starts at the beginning of the log), Redis (Debian) on loopback; release builds.\n\nCommand: `make bench` (`BENCH_QUICK=1 make bench` for a short run).\n\n{table}\nNot measured yet: the seed-style Flask receiver baseline (gunicorn + confluent-kafka). Absolute figures on a shared 2-core machine are noisy; compare the ratios, measured side by side in one run. The load generator runs on the same 2 cores as everything it measures.\n"
+        "# Benchmarks\n\nWritten by `make bench` on {started_at}; mode: {mode}.\n\nMachine: {machine}. Broker: Tansu 0.6.0, memory storage (every reader starts at the beginning of the log), Redis (Debian) on loopback; release builds.\n\nCommand: `make bench` (`BENCH_QUICK=1 make bench` for a short run).\n\n{table}\nThe seed-style receiver is `bench/seed_receiver.py` (the seed article's Flask receiver: verify `X-Webhook-Signature`, produce with confluent-kafka `acks=all`, wait for the delivery report, answer 200) under gunicorn with one sync worker per core, loaded exactly like ingest. Absolute figures on a shared 2-core machine are noisy; compare the ratios, measured side by side in one run. The load generator runs on the same 2 cores as everything it measures.\n"
     );
     std::fs::write(hooklog_e2e::root().join("docs/benchmarks.md"), doc).unwrap();
     let raw = json!({
         "date": started_at, "mode": mode, "machine": machine,
         "ingest": {"rps": hooklog.rps, "p50_ms": hooklog.p50_ms, "p99_ms": hooklog.p99_ms, "p999_ms": hooklog.p999_ms, "non_2xx": hooklog.non_2xx, "peak_rss_kib": ingest_rss},
         "bare_axum_rps": bare.rps, "producer_msgs_per_s": producer_rps,
+        "seed_style": seed.as_ref().map(|s| json!({"rps": s.rps, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "non_2xx": s.non_2xx})),
         "processor": {"events_per_s": proc_rate, "batch1_events_per_s": naive_rate, "peak_rss_kib": proc_rss, "records": records},
         "rebuild_events_per_s": rebuild_rate,
     });
