@@ -311,6 +311,17 @@ async fn main() {
     )
     .await;
     let proc_rss = processor.peak_rss_kib().unwrap_or(0);
+    // Where the processor's time went: batches and the time spent applying
+    // them (Redis + changelog), the rest being fetch, decode and waiting.
+    let purl = env.processor_url();
+    let batches = metric(&purl, "hooklog_processor_apply_batch_duration_seconds_count", &[]).await;
+    let apply_secs = metric(&purl, "hooklog_processor_apply_batch_duration_seconds_sum", &[]).await;
+    let diagnosis = format!(
+        "{batches:.0} batches of {:.0} records on average; applying them (Redis + changelog) took {apply_secs:.1} s of the {:.1} s run",
+        records as f64 / batches.max(1.0),
+        proc_time.as_secs_f64()
+    );
+    println!("processor: {diagnosis}");
     let proc_rate = records as f64 / proc_time.as_secs_f64();
 
     // 4. Rebuild of the same records into a new version.
@@ -425,7 +436,7 @@ async fn main() {
         "full (20 s loads, 1,000,000 records)"
     };
     let doc = format!(
-        "# Benchmarks\n\nWritten by `make bench` on {started_at}; mode: {mode}.\n\nMachine: {machine}. Broker: Tansu 0.6.0, memory storage (every reader starts at the beginning of the log), Redis (Debian) on loopback; release builds.\n\nCommand: `make bench` (`BENCH_QUICK=1 make bench` for a short run).\n\n{table}\nThe seed-style receiver is `bench/seed_receiver.py` (the seed article's Flask receiver: verify `X-Webhook-Signature`, produce with confluent-kafka `acks=all`, wait for the delivery report, answer 200) under gunicorn with one sync worker per core, loaded exactly like ingest. Absolute figures on a shared 2-core machine are noisy; compare the ratios, measured side by side in one run. The load generator runs on the same 2 cores as everything it measures.\n"
+        "# Benchmarks\n\nWritten by `make bench` on {started_at}; mode: {mode}.\n\nMachine: {machine}. Broker: Tansu 0.6.0, memory storage (every reader starts at the beginning of the log), Redis (Debian) on loopback; release builds.\n\nCommand: `make bench` (`BENCH_QUICK=1 make bench` for a short run).\n\n{table}\nProcessor run: {diagnosis}.\n\nThe seed-style receiver is `bench/seed_receiver.py` (the seed article's Flask receiver: verify `X-Webhook-Signature`, produce with confluent-kafka `acks=all`, wait for the delivery report, answer 200) under gunicorn with one sync worker per core, loaded exactly like ingest. Absolute figures on a shared 2-core machine are noisy; compare the ratios, measured side by side in one run. The load generator runs on the same 2 cores as everything it measures.\n"
     );
     std::fs::write(hooklog_e2e::root().join("docs/benchmarks.md"), doc).unwrap();
     let raw = json!({
