@@ -22,7 +22,7 @@ test-scale: ## Only the 3 x 3 replica test with kill -9 and SIGTERM (also part o
 bench: ## Benchmarks side by side (BENCH_QUICK=1 for ~2 min); writes docs/benchmarks.md
 	deploy/local/install.sh
 	$(CARGO) build --release --workspace --bins
-	HOOKLOG_BIN_PROFILE=release TANSU_STORAGE=memory $(CARGO) run --release -q -p hooklog-e2e --bin hooklog-bench
+	HOOKLOG_BIN_PROFILE=release TANSU_STORAGE=memory REDIS_APPENDFSYNC=everysec $(CARGO) run --release -q -p hooklog-e2e --bin hooklog-bench
 
 lint: ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all -- --check

@@ -29,7 +29,8 @@ pub struct ApiState {
     pub start_rebuild: Box<dyn Fn(String) -> bool + Send + Sync>,
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
+/// A JSON error answer `{"error": code, "message": …}` (both HTTP servers).
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({"error": code, "message": message}))).into_response()
 }
 
@@ -136,9 +137,10 @@ async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
-    )
-        .into_response()
+    prometheus(s.metrics.render())
+}
+
+/// A Prometheus text exposition answer (both HTTP servers).
+pub fn prometheus(text: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -73,36 +73,18 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     match args.command.unwrap_or(Command::Run) {
         Command::Run => {
-            let listener = tokio::net::TcpListener::bind(&config.processor.listen)
-                .await
-                .with_context(|| format!("binding {}", config.processor.listen))?;
-            let shutdown = CancellationToken::new();
-            tokio::spawn(hooklog_schemas::process::cancel_on_signal(shutdown.clone()));
-            let deadline = shutdown.clone();
-            tokio::select! {
-                r = hooklog_processor::run(config, listener, shutdown) => r,
-                _ = async { deadline.cancelled().await; tokio::time::sleep(Duration::from_secs(20)).await } => {
-                    // A consumer close can hang while the broker is gone;
-                    // offsets not committed are re-applied idempotently.
-                    eprintln!("hooklog-processor: shutdown took over 20 s; exiting");
-                    std::process::exit(0);
-                }
-            }
+            let listen = config.processor.listen.clone();
+            serve(&listen, "hooklog-processor", |l, stop| {
+                hooklog_processor::run(config, l, stop)
+            })
+            .await
         }
         Command::Deliver => {
-            let listener = tokio::net::TcpListener::bind(&config.delivery.listen)
-                .await
-                .with_context(|| format!("binding {}", config.delivery.listen))?;
-            let shutdown = CancellationToken::new();
-            tokio::spawn(hooklog_schemas::process::cancel_on_signal(shutdown.clone()));
-            let deadline = shutdown.clone();
-            tokio::select! {
-                r = hooklog_processor::delivery::run(config, listener, shutdown) => r,
-                _ = async { deadline.cancelled().await; tokio::time::sleep(Duration::from_secs(20)).await } => {
-                    eprintln!("hooklog-processor deliver: shutdown took over 20 s; exiting");
-                    std::process::exit(0);
-                }
-            }
+            let listen = config.delivery.listen.clone();
+            serve(&listen, "hooklog-processor deliver", |l, stop| {
+                hooklog_processor::delivery::run(config, l, stop)
+            })
+            .await
         }
         Command::CheckConfig => {
             println!(
@@ -180,6 +162,29 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+    }
+}
+
+/// Binds `listen`, runs `service` until SIGINT/SIGTERM, and exits anyway
+/// 20 s after the signal: a consumer close can hang while the broker is
+/// gone, and offsets not committed are handled again, idempotently.
+async fn serve<F, Fut>(listen: &str, name: &str, service: F) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio::net::TcpListener, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(hooklog_schemas::process::cancel_on_signal(shutdown.clone()));
+    let deadline = shutdown.clone();
+    tokio::select! {
+        r = service(listener, shutdown) => r,
+        _ = async { deadline.cancelled().await; tokio::time::sleep(Duration::from_secs(20)).await } => {
+            eprintln!("{name}: shutdown took over 20 s; exiting");
+            std::process::exit(0);
         }
     }
 }

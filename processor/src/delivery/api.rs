@@ -19,6 +19,7 @@ use super::guard::{self, UrlPolicy};
 use super::metrics::DeliveryMetrics;
 use super::queue::Queue;
 use super::subscription::{self, rfc3339, Subscription, SubscriptionCache, SubscriptionStore};
+use crate::api::{error, prometheus};
 use crate::consume::Health;
 
 /// Shared state of the handlers.
@@ -39,10 +40,6 @@ pub struct ApiState {
     pub metrics: Arc<DeliveryMetrics>,
     /// Health flags.
     pub health: Arc<Health>,
-}
-
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({"error": code, "message": message}))).into_response()
 }
 
 /// A rejected request body: 400 for bad JSON, 422 naming the field.
@@ -316,9 +313,5 @@ async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
-    )
-        .into_response()
+    prometheus(s.metrics.render())
 }

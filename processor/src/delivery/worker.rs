@@ -176,36 +176,39 @@ impl Deliverer {
 
     async fn try_job(&self, sub: &Subscription, member: &str) -> anyhow::Result<()> {
         let Some((event, attempts_before)) = self.queue.load(&sub.id, member).await? else {
-            let event_id = member.split_once('/').map_or(member, |(_, id)| id);
-            self.dead_letter(
+            let event = QueuedEvent {
+                event_id: member
+                    .split_once('/')
+                    .map_or(member, |(_, id)| id)
+                    .to_owned(),
+                event_type: String::new(),
+                body: Vec::new(),
+            };
+            self.give_up(
                 sub,
-                event_id,
-                "",
-                b"",
+                member,
+                &event,
                 0,
                 "expired",
                 "event body expired before delivery",
+                "dead",
             )
             .await?;
-            self.queue.finish(&sub.id, member, 0, "dead").await?;
             return Ok(());
         };
         let attempt = attempts_before + 1;
         if let Some((_, reason)) = &sub.disabled {
             let detail = format!("subscription disabled: {reason}");
-            self.dead_letter(
+            self.give_up(
                 sub,
-                &event.event_id,
-                &event.event_type,
-                &event.body,
+                member,
+                &event,
                 attempts_before,
                 "subscription_disabled",
                 &detail,
+                "disabled",
             )
             .await?;
-            self.queue
-                .finish(&sub.id, member, attempts_before, "disabled")
-                .await?;
             return Ok(());
         }
         let started = Instant::now();
@@ -239,37 +242,23 @@ impl Deliverer {
                     .await?;
                 self.metrics.disabled("gone");
                 info!(subscription = %sub.id, "Subscription disabled: receiver answered 410.");
-                self.dead_letter(
+                self.give_up(
                     sub,
-                    &event.event_id,
-                    &event.event_type,
-                    &event.body,
+                    member,
+                    &event,
                     attempt,
                     "subscription_disabled",
                     "receiver answered 410 Gone",
+                    "disabled",
                 )
                 .await?;
-                self.queue
-                    .finish(&sub.id, member, attempt, "disabled")
-                    .await?;
                 self.cache.refresh(&self.subs).await?;
                 "disabled"
             }
             Verdict::Failed(reason) => {
                 self.subs.failed(&sub.id, now).await?;
                 let detail = describe(status, error);
-                self.dead_letter(
-                    sub,
-                    &event.event_id,
-                    &event.event_type,
-                    &event.body,
-                    attempt,
-                    reason,
-                    &detail,
-                )
-                .await?;
-                self.queue
-                    .finish(&sub.id, member, attempt, "failed")
+                self.give_up(sub, member, &event, attempt, reason, &detail, "failed")
                     .await?;
                 "failed"
             }
@@ -287,19 +276,16 @@ impl Deliverer {
                     self.subs.disable(&sub.id, now, &why).await?;
                     self.metrics.disabled("failing");
                     warn!(subscription = %sub.id, failing_secs = failing_for.as_secs(), "Subscription disabled automatically: endpoint keeps failing.");
-                    self.dead_letter(
+                    self.give_up(
                         sub,
-                        &event.event_id,
-                        &event.event_type,
-                        &event.body,
+                        member,
+                        &event,
                         attempt,
                         "subscription_disabled",
                         &why,
+                        "disabled",
                     )
                     .await?;
-                    self.queue
-                        .finish(&sub.id, member, attempt, "disabled")
-                        .await?;
                     self.cache.refresh(&self.subs).await?;
                     "disabled"
                 } else if let Some(delay) = delay {
@@ -312,17 +298,16 @@ impl Deliverer {
                         "retry schedule exhausted; last: {}",
                         describe(status, error)
                     );
-                    self.dead_letter(
+                    self.give_up(
                         sub,
-                        &event.event_id,
-                        &event.event_type,
-                        &event.body,
+                        member,
+                        &event,
                         attempt,
                         "max_attempts",
                         &detail,
+                        "dead",
                     )
                     .await?;
-                    self.queue.finish(&sub.id, member, attempt, "dead").await?;
                     "dead"
                 }
             }
@@ -406,18 +391,21 @@ impl Deliverer {
         }
     }
 
+    /// Dead-letters the event for this subscription, then ends the job in
+    /// `state`. A crash between the two only dead-letters it twice.
     #[allow(clippy::too_many_arguments)]
-    async fn dead_letter(
+    async fn give_up(
         &self,
         sub: &Subscription,
-        event_id: &str,
-        event_type: &str,
-        body: &[u8],
+        member: &str,
+        event: &QueuedEvent,
         attempts: u32,
         reason: &'static str,
         detail: &str,
+        state: &str,
     ) -> anyhow::Result<()> {
-        let attempts = attempts.to_string();
+        let (event_id, event_type, body) = (&event.event_id, &event.event_type, &event.body);
+        let count = attempts.to_string();
         self.publisher
             .record(
                 topics::DELIVERY_DLQ,
@@ -427,13 +415,14 @@ impl Deliverer {
                     (headers::DLQ_REASON, reason),
                     (headers::DLQ_DETAIL, detail),
                     (headers::DLQ_SUBSCRIPTION, &sub.id),
-                    (headers::DLQ_ATTEMPTS, &attempts),
+                    (headers::DLQ_ATTEMPTS, &count),
                     (headers::EVENT_TYPE, event_type),
                 ],
             )
             .await?;
         self.metrics.dead_lettered(reason);
-        warn!(subscription = %sub.id, event_id, reason, detail, "Delivery dead-lettered.");
+        warn!(subscription = %sub.id, event_id = %event_id, reason, detail, "Delivery dead-lettered.");
+        self.queue.finish(&sub.id, member, attempts, state).await?;
         Ok(())
     }
 }
