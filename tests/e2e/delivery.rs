@@ -128,7 +128,26 @@ async fn seed_agent_to_agent_order_shipped_is_delivered_signed_and_projected() {
     let (id, sub_secret) = subscribe(&env, "order.shipped", &agent.url).await;
     assert!(id.starts_with("sub_") && sub_secret.starts_with("whsec_"));
 
-    let event_id = ship(&env, events::SEED_ORDER_SHIPPED).await;
+    // The FulfillmentAgent's request carries a trace context: the
+    // delivery continues that trace.
+    let trace = hooklog_schemas::trace::TraceParent::new_root();
+    let mut headers = sign::headers(
+        "hmac-sha256",
+        secret("fulfillment"),
+        events::SEED_ORDER_SHIPPED.as_bytes(),
+        now(),
+        "",
+    );
+    headers.push(("traceparent".into(), trace.header_value()));
+    let r = post(
+        &env,
+        "fulfillment",
+        &headers,
+        events::SEED_ORDER_SHIPPED.as_bytes().to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let event_id = r.json["event_id"].as_str().unwrap().to_owned();
     let hits = wait_hits(&agent, 1, Duration::from_secs(60)).await;
     let hit = &hits[0];
     assert_eq!(
@@ -146,6 +165,12 @@ async fn seed_agent_to_agent_order_shipped_is_delivered_signed_and_projected() {
     );
     assert_eq!(hit.header("webhook-id"), Some(event_id.as_str()));
     assert_eq!(hit.header("x-webhook-event-type"), Some("order.shipped"));
+    let delivered_trace =
+        hooklog_schemas::trace::TraceParent::parse(hit.header("traceparent").unwrap()).unwrap();
+    assert_eq!(
+        delivered_trace.trace_id, trace.trace_id,
+        "the delivery continues the trace"
+    );
     let ts: i64 = hit.header("webhook-timestamp").unwrap().parse().unwrap();
     assert!((ts - now()).abs() < 60);
 

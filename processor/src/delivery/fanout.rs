@@ -35,11 +35,14 @@ pub struct Fanout {
     pub wake: Arc<Notify>,
 }
 
+/// An event and the W3C `traceparent` of its raw record.
+pub type Traced = (WebhookEvent, Option<String>);
+
 /// The jobs a batch of events asks for: each event goes to every enabled
 /// subscription whose pattern matches and that existed when it arrived.
-pub fn jobs<'a>(subs: &'a [Subscription], events: &'a [WebhookEvent]) -> Vec<NewJob<'a>> {
+pub fn jobs<'a>(subs: &'a [Subscription], events: &'a [Traced]) -> Vec<NewJob<'a>> {
     let mut out = Vec::new();
-    for e in events {
+    for (e, traceparent) in events {
         for s in subs {
             if s.disabled.is_none()
                 && s.matches(&e.event_type)
@@ -51,6 +54,7 @@ pub fn jobs<'a>(subs: &'a [Subscription], events: &'a [WebhookEvent]) -> Vec<New
                     event_id: &e.event_id,
                     event_type: &e.event_type,
                     body: &e.body,
+                    traceparent: traceparent.as_deref(),
                 });
             }
         }
@@ -68,11 +72,21 @@ impl Fanout {
         {
             self.metrics.consumed(batch.len() as u64);
             // Undecodable records are the processor's to dead-letter.
-            let events: Vec<WebhookEvent> = batch
+            let events: Vec<Traced> = batch
                 .iter()
-                .filter_map(|r| WebhookEvent::decode(r.payload.as_deref()?).ok())
+                .filter_map(|r| {
+                    let event = WebhookEvent::decode(r.payload.as_deref()?).ok()?;
+                    let tp = r
+                        .header(hooklog_schemas::headers::TRACEPARENT)
+                        .and_then(|v| String::from_utf8(v.to_vec()).ok());
+                    Some((event, tp))
+                })
                 .collect();
-            let newest = events.iter().map(|e| e.received_at_ms).max().unwrap_or(0);
+            let newest = events
+                .iter()
+                .map(|(e, _)| e.received_at_ms)
+                .max()
+                .unwrap_or(0);
             let mut backoff = Duration::from_millis(100);
             loop {
                 match self.enqueue(&events, newest).await {
@@ -107,7 +121,7 @@ impl Fanout {
         consume::commit_and_leave(consumer).await;
     }
 
-    async fn enqueue(&self, events: &[WebhookEvent], newest_ms: i64) -> anyhow::Result<u64> {
+    async fn enqueue(&self, events: &[Traced], newest_ms: i64) -> anyhow::Result<u64> {
         // A subscription created before an event arrived must be in the
         // copy used to match it.
         if self.cache.loaded_at_ms() <= newest_ms {
@@ -162,8 +176,8 @@ mod tests {
             sub("d", "order.shipped", 0, true),
         ];
         let events = [
-            event("e1", "order.shipped", 200),
-            event("e2", "customer.signed_up", 200),
+            (event("e1", "order.shipped", 200), None),
+            (event("e2", "customer.signed_up", 200), None),
         ];
         let got: Vec<(&str, String)> = jobs(&subs, &events)
             .into_iter()

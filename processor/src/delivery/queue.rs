@@ -21,7 +21,7 @@ redis.call('HSET', KEYS[1], 'attempt', 0, 'state', 'pending')
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 if redis.call('EXISTS', KEYS[3]) == 0 then
-  redis.call('HSET', KEYS[3], 'body', ARGV[4], 'event_type', ARGV[5], 'event_id', ARGV[6])
+  redis.call('HSET', KEYS[3], 'body', ARGV[4], 'event_type', ARGV[5], 'event_id', ARGV[6], 'traceparent', ARGV[7])
 end
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 return 1
@@ -43,6 +43,8 @@ pub struct QueuedEvent {
     pub event_type: String,
     /// Raw body bytes.
     pub body: Vec<u8>,
+    /// W3C context of the raw record ("" when none).
+    pub traceparent: String,
 }
 
 /// A job to create: subscription id and the event.
@@ -57,6 +59,8 @@ pub struct NewJob<'a> {
     pub event_type: &'a str,
     /// Raw body.
     pub body: &'a [u8],
+    /// W3C context of the raw record.
+    pub traceparent: Option<&'a str>,
 }
 
 /// One line of the delivery log.
@@ -146,7 +150,8 @@ impl Queue {
                 .arg(self.retention_secs)
                 .arg(j.body)
                 .arg(j.event_type)
-                .arg(j.event_id);
+                .arg(j.event_id)
+                .arg(j.traceparent.unwrap_or(""));
         }
         let mut conn = self.conn.clone();
         let created: Vec<u64> = pipe.query_async(&mut conn).await?;
@@ -179,20 +184,27 @@ impl Queue {
         member: &str,
     ) -> Result<Option<(QueuedEvent, u32)>, RedisError> {
         let mut conn = self.conn.clone();
-        type Row = (Option<Vec<u8>>, Option<String>, Option<String>);
-        let ((body, event_type, event_id), attempt): (Row, Option<u32>) = redis::pipe()
-            .cmd("HMGET")
-            .arg(self.evt_key(member))
-            .arg(&["body", "event_type", "event_id"])
-            .hget(self.job_key(sub, member), "attempt")
-            .query_async(&mut conn)
-            .await?;
+        type Row = (
+            Option<Vec<u8>>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let ((body, event_type, event_id, traceparent), attempt): (Row, Option<u32>) =
+            redis::pipe()
+                .cmd("HMGET")
+                .arg(self.evt_key(member))
+                .arg(&["body", "event_type", "event_id", "traceparent"])
+                .hget(self.job_key(sub, member), "attempt")
+                .query_async(&mut conn)
+                .await?;
         Ok(match (body, event_type, event_id) {
             (Some(body), Some(event_type), Some(event_id)) => Some((
                 QueuedEvent {
                     event_id,
                     event_type,
                     body,
+                    traceparent: traceparent.unwrap_or_default(),
                 },
                 attempt.unwrap_or(0),
             )),

@@ -11,7 +11,7 @@ use hooklog_schemas::{headers, topics};
 use rand::Rng;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::guard::{self, GuardedResolver, UrlPolicy};
 use super::metrics::DeliveryMetrics;
@@ -183,6 +183,7 @@ impl Deliverer {
                     .to_owned(),
                 event_type: String::new(),
                 body: Vec::new(),
+                traceparent: String::new(),
             };
             self.give_up(
                 sub,
@@ -341,6 +342,19 @@ impl Deliverer {
             .header("content-type", "application/json")
             .header("x-webhook-event-type", &event.event_type)
             .body(event.body.clone());
+        // Continue the event's trace: a child span when traces are
+        // exported, else the raw record's context as it came.
+        let span = tracing::info_span!("hooklog.deliver", subscription = %sub.id);
+        hooklog_schemas::telemetry::set_parent(&span, |k| {
+            (k == "traceparent" && !event.traceparent.is_empty())
+                .then_some(event.traceparent.as_str())
+        });
+        let traceparent = hooklog_schemas::telemetry::context_of(&span)
+            .map(|t| t.header_value())
+            .unwrap_or_else(|| event.traceparent.clone());
+        if !traceparent.is_empty() {
+            req = req.header("traceparent", traceparent);
+        }
         for (name, value) in sign::headers(
             &sub.signing_secrets(now),
             &event.event_id,
@@ -349,7 +363,7 @@ impl Deliverer {
         ) {
             req = req.header(name, value);
         }
-        match req.send().await {
+        match req.send().instrument(span).await {
             Ok(mut resp) => {
                 let status = resp.status().as_u16();
                 let retry_after = resp
