@@ -36,13 +36,20 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
 
 /// Builds the router.
 pub fn app(state: Arc<ApiState>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/projections", get(list))
         .route("/v1/projections/{projection}/{key}", get(read))
         .route("/v1/projections/{projection}/rebuild", post(rebuild))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .with_state(state);
+    with_json_fallbacks(router)
+}
+
+/// JSON 404 and 405 answers for unknown routes (both HTTP servers).
+pub fn with_json_fallbacks(router: Router) -> Router {
+    router
         .method_not_allowed_fallback(|| async {
             error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -51,7 +58,6 @@ pub fn app(state: Arc<ApiState>) -> Router {
             )
         })
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "not found") })
-        .with_state(state)
 }
 
 async fn list(State(s): State<Arc<ApiState>>) -> Response {

@@ -36,6 +36,11 @@ async fn api(
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// An authorized GET of the subscription API.
+async fn get(env: &TestEnv, path: &str) -> (u16, Value) {
+    api(env, reqwest::Method::GET, path, Some(API_KEY), None).await
+}
+
 /// Subscribes `url` to `event_type`; returns (id, secret).
 async fn subscribe(env: &TestEnv, event_type: &str, url: &str) -> (String, String) {
     let (status, body) = api(
@@ -185,42 +190,21 @@ async fn seed_agent_to_agent_order_shipped_is_delivered_signed_and_projected() {
     assert!(state.to_string().contains("1ZBPWJXU5C9BPQBMCI"), "{state}");
 
     // The API: list, read (no secret), delivery log, auth.
-    let (s, list) = api(
-        &env,
-        reqwest::Method::GET,
-        "/api/v1/webhooks",
-        Some(API_KEY),
-        None,
-    )
-    .await;
+    let (s, list) = get(&env, "/api/v1/webhooks").await;
     assert_eq!(s, 200);
     assert!(list["webhooks"]
         .as_array()
         .unwrap()
         .iter()
         .any(|w| w["id"] == id.as_str()));
-    let (s, one) = api(
-        &env,
-        reqwest::Method::GET,
-        &format!("/api/v1/webhooks/{id}"),
-        Some(API_KEY),
-        None,
-    )
-    .await;
+    let (s, one) = get(&env, &format!("/api/v1/webhooks/{id}")).await;
     assert_eq!(
         (s, one["event_type"].as_str(), one["enabled"].as_bool()),
         (200, Some("order.shipped"), Some(true))
     );
     assert!(one.get("secret").is_none() && !one.to_string().contains(&sub_secret));
     let log = eventually("delivery log", Duration::from_secs(10), || async {
-        let (_, l) = api(
-            &env,
-            reqwest::Method::GET,
-            &format!("/api/v1/webhooks/{id}/deliveries"),
-            Some(API_KEY),
-            None,
-        )
-        .await;
+        let (_, l) = get(&env, &format!("/api/v1/webhooks/{id}/deliveries")).await;
         (l["deliveries"].as_array().is_some_and(|d| !d.is_empty())).then_some(l)
     })
     .await;
@@ -283,14 +267,7 @@ async fn retries_then_delivers_once_410_disables_and_a_down_receiver_ends_in_the
     );
 
     // The 410 receiver was asked once and its subscription is disabled.
-    let (_, sub) = api(
-        &env,
-        reqwest::Method::GET,
-        &format!("/api/v1/webhooks/{gone_id}"),
-        Some(API_KEY),
-        None,
-    )
-    .await;
+    let (_, sub) = get(&env, &format!("/api/v1/webhooks/{gone_id}")).await;
     assert_eq!(sub["enabled"], false, "{sub}");
     assert!(sub["disabled_reason"].as_str().unwrap().contains("410"));
 
@@ -409,14 +386,7 @@ async fn kill_9_mid_stream_delivers_every_event_at_least_once_with_stable_ids() 
         &format!("{}/readyz", env.delivery_url()),
         Duration::from_secs(60),
     );
-    let (s, _) = api(
-        &env,
-        reqwest::Method::GET,
-        &format!("/api/v1/webhooks/{id}"),
-        Some(API_KEY),
-        None,
-    )
-    .await;
+    let (s, _) = get(&env, &format!("/api/v1/webhooks/{id}")).await;
     assert_eq!(s, 200);
     let hits = eventually(
         "every event delivered",
@@ -624,14 +594,7 @@ async fn an_endpoint_failing_for_long_is_disabled_and_reported() {
     let (id, _) = subscribe(&env, "order.shipped", &failing.url).await;
     let event_id = ship(&env, &order(&unique("evt_"), "ORD-D1", "order.shipped")).await;
     let sub = eventually("auto-disable", Duration::from_secs(60), || async {
-        let (_, s) = api(
-            &env,
-            reqwest::Method::GET,
-            &format!("/api/v1/webhooks/{id}"),
-            Some(API_KEY),
-            None,
-        )
-        .await;
+        let (_, s) = get(&env, &format!("/api/v1/webhooks/{id}")).await;
         (s["enabled"] == false).then_some(s)
     })
     .await;

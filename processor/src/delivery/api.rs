@@ -19,7 +19,7 @@ use super::guard::{self, UrlPolicy};
 use super::metrics::DeliveryMetrics;
 use super::queue::Queue;
 use super::subscription::{self, rfc3339, Subscription, SubscriptionCache, SubscriptionStore};
-use crate::api::{error, prometheus};
+use crate::api::{error, prometheus, with_json_fallbacks};
 use crate::consume::Health;
 
 /// Shared state of the handlers.
@@ -88,20 +88,13 @@ pub fn app(state: Arc<ApiState>) -> Router {
         .route("/api/v1/webhooks/{id}/deliveries", get(deliveries))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(64 * 1024));
-    Router::new()
+    let router = Router::new()
         .merge(api)
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .method_not_allowed_fallback(|| async {
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed",
-            )
-        })
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "not found") })
-        .with_state(state)
+        .with_state(state);
+    with_json_fallbacks(router)
 }
 
 /// `Authorization: Bearer <key>` against every configured key, in constant time.
