@@ -131,9 +131,14 @@ async fn rebuild(State(s): State<Arc<ApiState>>, Path(projection): Path<String>)
 }
 
 async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
-    let redis_ok = s.store.ping().await.is_ok();
-    let paused = s.health.paused.load(Ordering::Relaxed);
-    let running = s.health.running.load(Ordering::Relaxed);
+    readiness(&s.health, s.store.ping().await.is_ok())
+}
+
+/// `/readyz` of both HTTP servers: 200 when Redis answers and the consumer
+/// runs unpaused, else 503; the body says which.
+pub fn readiness(health: &Health, redis_ok: bool) -> Response {
+    let paused = health.paused.load(Ordering::Relaxed);
+    let running = health.running.load(Ordering::Relaxed);
     let body = json!({"redis": redis_ok, "consumer_running": running, "paused": paused});
     if redis_ok && running && !paused {
         Json(body).into_response()

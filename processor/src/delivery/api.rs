@@ -1,7 +1,6 @@
 //! The subscription API (`/api/v1/webhooks`, bearer API keys), the delivery
 //! log, and the deliverer's health and metrics endpoints.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -19,7 +18,7 @@ use super::guard::{self, UrlPolicy};
 use super::metrics::DeliveryMetrics;
 use super::queue::Queue;
 use super::subscription::{self, rfc3339, Subscription, SubscriptionCache, SubscriptionStore};
-use crate::api::{error, prometheus, with_json_fallbacks};
+use crate::api::{error, prometheus, readiness, with_json_fallbacks};
 use crate::consume::Health;
 
 /// Shared state of the handlers.
@@ -294,15 +293,7 @@ async fn deliveries(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> R
 }
 
 async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
-    let redis_ok = s.subs.get("_ping").await.is_ok();
-    let running = s.health.running.load(Ordering::Relaxed);
-    let paused = s.health.paused.load(Ordering::Relaxed);
-    let body = json!({"redis": redis_ok, "consumer_running": running, "paused": paused});
-    if redis_ok && running && !paused {
-        Json(body).into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
-    }
+    readiness(&s.health, s.subs.get("_ping").await.is_ok())
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
