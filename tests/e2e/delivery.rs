@@ -63,16 +63,10 @@ async fn subscribe(env: &TestEnv, event_type: &str, url: &str) -> (String, Strin
 
 /// The FulfillmentAgent: posts a signed order event to ingest; returns its event id.
 async fn ship(env: &TestEnv, body: &str) -> String {
-    let headers = sign::headers(
-        "hmac-sha256",
-        secret("fulfillment"),
-        body.as_bytes(),
-        now(),
-        "",
-    );
-    let r = post(env, "fulfillment", &headers, body.as_bytes().to_vec()).await;
-    assert_eq!(r.status, 200, "{}", r.json);
-    r.json["event_id"].as_str().unwrap().to_owned()
+    crate::processor::send(env, "fulfillment", "hmac-sha256", body, "").await["event_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 fn order(event_id: &str, order_id: &str, event_type: &str) -> String {

@@ -139,15 +139,8 @@ async fn one_trace_from_http_request_through_kafka_to_the_projection() {
     let body = json!({"event_id": unique("evt_"), "event_type": "order.shipped", "order_id": unique("ORD-T2"),
         "shipping_carrier": "DHL", "tracking_number": "1Z", "shipped_at": "2025-03-01T12:00:00Z"})
     .to_string();
-    let headers = sign::headers(
-        "hmac-sha256",
-        secret("fulfillment"),
-        body.as_bytes(),
-        now(),
-        "",
-    );
-    let r = post(&env, "fulfillment", &headers, body.into_bytes()).await;
-    let second_id = r.json["event_id"].as_str().unwrap().to_owned();
+    let receipt = crate::processor::send(&env, "fulfillment", "hmac-sha256", &body, "").await;
+    let second_id = receipt["event_id"].as_str().unwrap().to_owned();
     let raw = eventually("second raw record", Duration::from_secs(30), || async {
         kafka::read_all(&env.brokers, &env.topic("fulfillment"))
             .into_iter()

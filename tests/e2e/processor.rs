@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use crate::ingest::post;
 
-async fn send(env: &TestEnv, source: &str, scheme: &str, body: &str, id: &str) -> Value {
+/// Posts a signed `body` for `source` to ingest; asserts 200, returns the receipt.
+pub async fn send(env: &TestEnv, source: &str, scheme: &str, body: &str, id: &str) -> Value {
     let headers = sign::headers(scheme, secret(source), body.as_bytes(), now(), id);
     let r = post(env, source, &headers, body.as_bytes().to_vec()).await;
     assert_eq!(r.status, 200, "{}", r.json);

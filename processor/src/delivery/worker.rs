@@ -238,22 +238,10 @@ impl Deliverer {
                 "delivered"
             }
             Verdict::Gone => {
-                self.subs
-                    .disable(&sub.id, now, "receiver answered 410 Gone")
-                    .await?;
-                self.metrics.disabled("gone");
                 info!(subscription = %sub.id, "Subscription disabled: receiver answered 410.");
-                self.give_up(
-                    sub,
-                    member,
-                    &event,
-                    attempt,
-                    "subscription_disabled",
-                    "receiver answered 410 Gone",
-                    "disabled",
-                )
-                .await?;
-                self.cache.refresh(&self.subs).await?;
+                let why = "receiver answered 410 Gone";
+                self.disable(sub, member, &event, attempt, "gone", why)
+                    .await?;
                 "disabled"
             }
             Verdict::Failed(reason) => {
@@ -274,20 +262,9 @@ impl Deliverer {
                 );
                 if failing_for >= self.settings.disable_after {
                     let why = format!("failing for {}s without a success", failing_for.as_secs());
-                    self.subs.disable(&sub.id, now, &why).await?;
-                    self.metrics.disabled("failing");
                     warn!(subscription = %sub.id, failing_secs = failing_for.as_secs(), "Subscription disabled automatically: endpoint keeps failing.");
-                    self.give_up(
-                        sub,
-                        member,
-                        &event,
-                        attempt,
-                        "subscription_disabled",
-                        &why,
-                        "disabled",
-                    )
-                    .await?;
-                    self.cache.refresh(&self.subs).await?;
+                    self.disable(sub, member, &event, attempt, "failing", &why)
+                        .await?;
                     "disabled"
                 } else if let Some(delay) = delay {
                     let due = now + delay.as_millis() as i64;
@@ -403,6 +380,33 @@ impl Deliverer {
                 (Verdict::Retry { retry_after: None }, None, Some(class))
             }
         }
+    }
+
+    /// Disables the subscription (`label` = gone | failing), dead-letters
+    /// this event and refreshes the copy so no further attempt is made.
+    async fn disable(
+        &self,
+        sub: &Subscription,
+        member: &str,
+        event: &QueuedEvent,
+        attempt: u32,
+        label: &'static str,
+        why: &str,
+    ) -> anyhow::Result<()> {
+        self.subs.disable(&sub.id, now_ms(), why).await?;
+        self.metrics.disabled(label);
+        self.give_up(
+            sub,
+            member,
+            event,
+            attempt,
+            "subscription_disabled",
+            why,
+            "disabled",
+        )
+        .await?;
+        self.cache.refresh(&self.subs).await?;
+        Ok(())
     }
 
     /// Dead-letters the event for this subscription, then ends the job in
