@@ -1,7 +1,8 @@
 //! Property: the real Lua apply script on a real Redis is order-insensitive
 //! and idempotent. Random events for one entity, delivered in two different
 //! shuffled orders with duplicates, give identical state; `sum` equals the
-//! sum over distinct event ids.
+//! sum over distinct event ids. Applying one event per call and a whole
+//! delivery in one call give the same state too.
 
 use hooklog_e2e::{shared_stack, unique};
 use hooklog_processor::projection::spec::ProjectionSpec;
@@ -54,8 +55,8 @@ fn spec_with_status(status: usize) -> ProjectionSpec {
     spec
 }
 
-async fn apply_all(store: &Store, events: &[(usize, Ev)]) -> serde_json::Value {
-    for chunk in events.chunks(3) {
+async fn apply_all(store: &Store, events: &[(usize, Ev)], batch: usize) -> serde_json::Value {
+    for chunk in events.chunks(batch) {
         let mut updates = Vec::new();
         for (id, e) in chunk {
             let mut body = serde_json::json!({"order_id": "ORD-P", "at": e.at, "carrier": e.carrier, "amount": e.amount});
@@ -114,7 +115,9 @@ proptest! {
         let (state_a, state_b) = rt.block_on(async {
             let sa = Store::connect(&url, &unique("e2e:prop:"), 600).await.unwrap();
             let sb = Store::connect(&url, &unique("e2e:prop:"), 600).await.unwrap();
-            (apply_all(&sa, &a).await, apply_all(&sb, &b).await)
+            // One event per call against the whole delivery in one call: the
+            // script's per-chunk fold must equal applying one by one.
+            (apply_all(&sa, &a, 1).await, apply_all(&sb, &b, usize::MAX).await)
         });
         prop_assert_eq!(&state_a, &state_b);
         let total: i64 = events.iter().map(|e| e.amount).sum();
@@ -124,4 +127,51 @@ proptest! {
         let expected_status = ["created", "paid", "shipped", "delivered"][top];
         prop_assert_eq!(state_a["state"]["status"].as_str(), Some(expected_status));
     }
+}
+
+/// A batch larger than one script call (500 updates) with duplicates across
+/// the chunk boundary: each distinct event counts once, every update gets its
+/// own verdict, and the state comes back for the entity's last update.
+#[tokio::test]
+async fn a_batch_spanning_several_script_calls_applies_each_event_once() {
+    let store = Store::connect(&shared_stack().redis_url, &unique("e2e:chunk:"), 600)
+        .await
+        .unwrap();
+    let spec = spec_with_status(1);
+    let mut updates = Vec::new();
+    // 1,100 updates: events 0..1000, then 0..100 again (redeliveries).
+    for id in (0..1000).chain(0..100) {
+        let body = serde_json::json!({"order_id": "ORD-C", "at": 1_740_000_000 + id, "carrier": "A", "amount": 2});
+        let event = WebhookEvent {
+            event_id: format!("evt-{id}"),
+            source: "s".into(),
+            scheme: "hmac-sha256".into(),
+            event_type: "order.updated".into(),
+            body: body.to_string().into_bytes(),
+            headers: vec![],
+            provider_timestamp: None,
+            received_at_ms: 0,
+            key_id: 0,
+        };
+        let update = spec.map(&spec.rules[0], &event, Some(&body)).unwrap();
+        updates.push((update, event.event_id));
+    }
+    let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
+    let results = store.apply_batch(&refs, Target::Live).await.unwrap();
+    assert_eq!(results.len(), 1100);
+    assert!(results[..1000].iter().all(|r| r.applied));
+    assert!(results[1000..].iter().all(|r| !r.applied));
+    let with_state: Vec<usize> = (0..results.len())
+        .filter(|&i| results[i].state.is_some())
+        .collect();
+    assert_eq!(
+        with_state,
+        vec![1099],
+        "state only for the entity's last update"
+    );
+    let s = store.read("orders", "ORD-C", None).await.unwrap().unwrap();
+    assert_eq!(s.state["events"].as_i64(), Some(1000));
+    assert_eq!(s.state["total"].as_f64(), Some(2000.0));
+    assert_eq!(s.last_event_id.as_deref(), Some("evt-999"));
+    assert_eq!(results[1099].state.as_ref(), Some(&s));
 }

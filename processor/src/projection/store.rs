@@ -10,11 +10,12 @@
 //! | `P{NAME}:v<N>:e:<entity key>` | entity hash: fields (JSON text), `~c:<f>` clocks, `~r:<f>` ranks, `~updated` |
 //! | `P{NAME}:v<N>:seen:<event id>` | idempotency marker, TTL `dedup_window_secs` |
 //!
-//! [`Store::apply_batch`] sends one `EVALSHA` of `lua/apply.lua` per update
-//! in one pipeline: "seen? if not, apply and mark" is one atomic step per
-//! event, and a batch is one round trip.
+//! [`Store::apply_batch`] sends one `EVALSHA` of `lua/apply.lua` per chunk
+//! of up to [`CHUNK`] updates of one projection, all in one pipeline: "seen?
+//! if not, apply and mark" stays atomic per event, an entity touched by many
+//! events of a chunk is read and written once, and a batch is one round trip.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -25,6 +26,25 @@ use serde_json::Value;
 use super::spec::Update;
 
 const APPLY_LUA: &str = include_str!("../../lua/apply.lua");
+
+/// Updates per script call. A call blocks Redis while it runs; 500 updates
+/// take a few milliseconds, short enough for the read API.
+const CHUNK: usize = 500;
+
+/// One update as the apply script reads it.
+#[derive(Serialize)]
+struct ScriptUpdate<'a> {
+    /// Event id.
+    i: &'a str,
+    /// Entity key.
+    e: &'a str,
+    /// Clock (see [`clock`]).
+    c: String,
+    /// 1: return the entity's state after the chunk.
+    s: u8,
+    /// Operations.
+    o: &'a [super::spec::Op],
+}
 
 /// Which versions an apply writes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,44 +178,79 @@ impl Store {
         updates: &[(&Update, &str)],
         target: Target,
     ) -> Result<Vec<Applied>, RedisError> {
-        let mut pipe = redis::pipe();
         let version_arg = match target {
             Target::Live => String::new(),
             Target::Version(v) => v.to_string(),
         };
-        let mut last_of_entity = std::collections::HashMap::new();
+        let mut last_of_entity = HashMap::new();
         for (i, (up, _)) in updates.iter().enumerate() {
             last_of_entity.insert((up.projection.as_str(), up.key.as_str()), i);
         }
-        for (i, (up, event_id)) in updates.iter().enumerate() {
-            let want_state = target == Target::Live
-                && last_of_entity.get(&(up.projection.as_str(), up.key.as_str())) == Some(&i);
-            let ops = serde_json::to_string(&up.ops).expect("ops serialize");
+        // Each projection's updates, in order, cut into chunks: one script
+        // call per chunk, every call in one pipeline.
+        let mut by_projection: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, (up, _)) in updates.iter().enumerate() {
+            match by_projection.iter_mut().find(|(p, _)| *p == up.projection) {
+                Some((_, idx)) => idx.push(i),
+                None => by_projection.push((&up.projection, vec![i])),
+            }
+        }
+        let chunks: Vec<(&str, &[usize])> = by_projection
+            .iter()
+            .flat_map(|(p, idx)| idx.chunks(CHUNK).map(move |c| (*p, c)))
+            .collect();
+        let mut pipe = redis::pipe();
+        for (projection, chunk) in &chunks {
+            let items: Vec<ScriptUpdate> = chunk
+                .iter()
+                .map(|&i| {
+                    let (up, event_id) = updates[i];
+                    let want_state = target == Target::Live
+                        && last_of_entity.get(&(up.projection.as_str(), up.key.as_str()))
+                            == Some(&i);
+                    ScriptUpdate {
+                        i: event_id,
+                        e: &up.key,
+                        c: clock(up.time_ms, event_id),
+                        s: u8::from(want_state),
+                        o: &up.ops,
+                    }
+                })
+                .collect();
             pipe.cmd("EVALSHA")
                 .arg(self.script.get_hash())
                 .arg(2)
-                .arg(self.current_key(&up.projection))
-                .arg(self.building_key(&up.projection))
-                .arg(format!("{}:v", self.base(&up.projection)))
-                .arg(*event_id)
-                .arg(&up.key)
-                .arg(clock(up.time_ms, event_id))
+                .arg(self.current_key(projection))
+                .arg(self.building_key(projection))
+                .arg(format!("{}:v", self.base(projection)))
                 .arg(self.ttl_secs)
-                .arg(ops)
                 .arg(&version_arg)
-                .arg(if want_state { "1" } else { "" });
+                .arg(serde_json::to_string(&items).expect("updates serialize"));
         }
         let mut conn = self.conn.clone();
-        let raw: Vec<(i64, String, Vec<String>)> = pipe.query_async(&mut conn).await?;
-        Ok(raw
+        let raw: Vec<(String, Vec<i64>, Vec<Vec<String>>)> = pipe.query_async(&mut conn).await?;
+        let mut out: Vec<Option<Applied>> = vec![None; updates.len()];
+        for ((_, chunk), (version, applied, states)) in chunks.iter().zip(raw) {
+            let version = version.parse().unwrap_or(1);
+            let mut states = states.into_iter();
+            for (&i, applied) in chunk.iter().zip(applied) {
+                let up = updates[i].0;
+                let wanted = target == Target::Live
+                    && last_of_entity.get(&(up.projection.as_str(), up.key.as_str())) == Some(&i);
+                let state = wanted
+                    .then(|| states.next())
+                    .flatten()
+                    .filter(|flat| !flat.is_empty())
+                    .map(|flat| entity_state(&up.projection, &up.key, version, flat));
+                out[i] = Some(Applied {
+                    applied: applied == 1,
+                    state,
+                });
+            }
+        }
+        Ok(out
             .into_iter()
-            .zip(updates)
-            .map(|((applied, version, flat), (up, _))| Applied {
-                applied: applied == 1,
-                state: (!flat.is_empty()).then(|| {
-                    entity_state(&up.projection, &up.key, version.parse().unwrap_or(1), flat)
-                }),
-            })
+            .map(|a| a.expect("every update is in one chunk"))
             .collect())
     }
 
