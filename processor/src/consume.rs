@@ -158,6 +158,7 @@ impl Pipeline {
             .map(|(u, id, _)| (u, id.as_str()))
             .collect();
         let apply_spans = spans.phase(Phase::Apply);
+        let t0 = Instant::now();
         let results = self
             .store
             .apply_batch(&refs, Target::Live)
@@ -192,7 +193,18 @@ impl Pipeline {
                 }
             }
         }
+        let t1 = Instant::now();
+        let n_states = states.len();
         self.publish_states(states).await?;
+        if std::env::var_os("TIMING_DEBUG").is_some() {
+            eprintln!(
+                "TIMING batch={} apply={:?} states={} changelog={:?}",
+                batch.len(),
+                t1 - t0,
+                n_states,
+                t1.elapsed()
+            );
+        }
         drop(changelog_spans);
         if !plan.poison.is_empty() {
             let dead: Vec<_> = plan

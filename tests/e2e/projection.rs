@@ -138,24 +138,8 @@ async fn a_batch_spanning_several_script_calls_applies_each_event_once() {
         .await
         .unwrap();
     let spec = spec_with_status(1);
-    let mut updates = Vec::new();
     // 1,100 updates: events 0..1000, then 0..100 again (redeliveries).
-    for id in (0..1000).chain(0..100) {
-        let body = serde_json::json!({"order_id": "ORD-C", "at": 1_740_000_000 + id, "carrier": "A", "amount": 2});
-        let event = WebhookEvent {
-            event_id: format!("evt-{id}"),
-            source: "s".into(),
-            scheme: "hmac-sha256".into(),
-            event_type: "order.updated".into(),
-            body: body.to_string().into_bytes(),
-            headers: vec![],
-            provider_timestamp: None,
-            received_at_ms: 0,
-            key_id: 0,
-        };
-        let update = spec.map(&spec.rules[0], &event, Some(&body)).unwrap();
-        updates.push((update, event.event_id));
-    }
+    let updates = order_updates(&spec, "ORD-C", (0..1000).chain(0..100));
     let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
     let results = store.apply_batch(&refs, Target::Live).await.unwrap();
     assert_eq!(results.len(), 1100);
@@ -174,4 +158,63 @@ async fn a_batch_spanning_several_script_calls_applies_each_event_once() {
     assert_eq!(s.state["total"].as_f64(), Some(2000.0));
     assert_eq!(s.last_event_id.as_deref(), Some("evt-999"));
     assert_eq!(results[1099].state.as_ref(), Some(&s));
+}
+
+/// Four writers hammer one entity at once (as replicas sharing a customer
+/// do): every lost compare-and-set is re-read and folded again, so each
+/// distinct event counts exactly once.
+#[tokio::test]
+async fn concurrent_writers_on_one_entity_count_each_event_once() {
+    let prefix = unique("e2e:race:");
+    let url = shared_stack().redis_url.clone();
+    let spec = spec_with_status(1);
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let (url, prefix, spec) = (url.clone(), prefix.clone(), spec.clone());
+        tasks.push(tokio::spawn(async move {
+            let store = Store::connect(&url, &prefix, 600).await.unwrap();
+            for b in 0..40 {
+                // Writers overlap: writer w sends ids w*200.. and every batch
+                // repeats one id of the previous writer's range.
+                let start = w * 200 + b * 5;
+                let ids = (start..start + 5).chain(std::iter::once((start + 200) % 800));
+                let updates = order_updates(&spec, "ORD-R", ids);
+                let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
+                store.apply_batch(&refs, Target::Live).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let store = Store::connect(&url, &prefix, 600).await.unwrap();
+    let s = store.read("orders", "ORD-R", None).await.unwrap().unwrap();
+    assert_eq!(s.state["events"].as_i64(), Some(800));
+    assert_eq!(s.state["total"].as_f64(), Some(1600.0));
+}
+
+/// Updates of one order entity for the given event ids (amount 2 each).
+fn order_updates(
+    spec: &ProjectionSpec,
+    order: &str,
+    ids: impl Iterator<Item = usize>,
+) -> Vec<(hooklog_processor::projection::spec::Update, String)> {
+    let mut updates = Vec::new();
+    for id in ids {
+        let body = serde_json::json!({"order_id": order, "at": 1_740_000_000 + id, "carrier": "A", "amount": 2});
+        let event = WebhookEvent {
+            event_id: format!("evt-{id}"),
+            source: "s".into(),
+            scheme: "hmac-sha256".into(),
+            event_type: "order.updated".into(),
+            body: body.to_string().into_bytes(),
+            headers: vec![],
+            provider_timestamp: None,
+            received_at_ms: 0,
+            key_id: 0,
+        };
+        let update = spec.map(&spec.rules[0], &event, Some(&body)).unwrap();
+        updates.push((update, event.event_id));
+    }
+    updates
 }

@@ -10,5 +10,6 @@
 //! idempotency marker set in the same Lua call, the same set of events in any
 //! order, with any duplicates, gives the same state.
 
+pub mod fold;
 pub mod spec;
 pub mod store;

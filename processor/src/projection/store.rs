@@ -15,7 +15,7 @@
 //! if not, apply and mark" stays atomic per event, an entity touched by many
 //! events of a chunk is read and written once, and a batch is one round trip.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -23,27 +23,50 @@ use redis::{AsyncCommands, ErrorKind, RedisError, Script};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::fold::{self, Fields};
 use super::spec::Update;
 
-const APPLY_LUA: &str = include_str!("../../lua/apply.lua");
+const COMMIT_LUA: &str = include_str!("../../lua/commit.lua");
 
-/// Updates per script call. A call blocks Redis while it runs; 500 updates
-/// take a few milliseconds, short enough for the read API.
-const CHUNK: usize = 500;
+/// Arguments per script call (about 20 per event): a call blocks Redis
+/// while it runs, and a few thousand arguments take a few milliseconds.
+const CHUNK_ARGS: usize = 8_000;
 
-/// One update as the apply script reads it.
-#[derive(Serialize)]
-struct ScriptUpdate<'a> {
-    /// Event id.
-    i: &'a str,
-    /// Entity key.
-    e: &'a str,
-    /// Clock (see [`clock`]).
-    c: String,
-    /// 1: return the entity's state after the chunk.
-    s: u8,
-    /// Operations.
-    o: &'a [super::spec::Op],
+/// Read-fold-write rounds before giving up (each lost race is one round).
+const MAX_ROUNDS: usize = 16;
+
+/// What one read found in one version of a projection.
+struct VersionRead {
+    /// Entity key → stored hash.
+    entities: HashMap<String, Fields>,
+    /// Event ids already applied in this version.
+    seen: HashSet<String>,
+}
+
+/// One entity of one version after the fold: what to write, and whether the
+/// write needs doing (it has new events).
+struct Group {
+    key: String,
+    version: u64,
+    version_index: usize,
+    expected_rev: u64,
+    markers: Vec<String>,
+    fields: Vec<String>,
+    write: bool,
+    updates: Vec<usize>,
+    applied: Vec<bool>,
+    state: Fields,
+}
+
+impl Group {
+    fn args_len(&self) -> usize {
+        4 + self.markers.len() + self.fields.len()
+    }
+}
+
+/// True the first time an event id is met in this version.
+fn applied_here(seen: &mut HashSet<String>, event_id: &str) -> bool {
+    seen.insert(event_id.to_owned())
 }
 
 /// Which versions an apply writes to.
@@ -103,7 +126,7 @@ impl Store {
             .set_number_of_retries(2)
             .set_max_delay(1000);
         let conn = ConnectionManager::new_with_config(client, config).await?;
-        let script = Script::new(APPLY_LUA);
+        let script = Script::new(COMMIT_LUA);
         let store = Self {
             conn,
             prefix: prefix.to_owned(),
@@ -178,80 +201,297 @@ impl Store {
         updates: &[(&Update, &str)],
         target: Target,
     ) -> Result<Vec<Applied>, RedisError> {
-        let version_arg = match target {
-            Target::Live => String::new(),
-            Target::Version(v) => v.to_string(),
-        };
+        let mut conn = self.conn.clone();
+        let mut applied = vec![false; updates.len()];
+        let mut states: Vec<Option<EntityState>> = vec![None; updates.len()];
+        // The last update of each entity carries its state (live only).
         let mut last_of_entity = HashMap::new();
         for (i, (up, _)) in updates.iter().enumerate() {
             last_of_entity.insert((up.projection.as_str(), up.key.as_str()), i);
         }
-        // Each projection's updates, in order, cut into chunks: one script
-        // call per chunk, every call in one pipeline.
-        let mut by_projection: Vec<(&str, Vec<usize>)> = Vec::new();
+        let mut pending: Vec<(&str, Vec<usize>)> = Vec::new();
         for (i, (up, _)) in updates.iter().enumerate() {
-            match by_projection.iter_mut().find(|(p, _)| *p == up.projection) {
+            match pending.iter_mut().find(|(p, _)| *p == up.projection) {
                 Some((_, idx)) => idx.push(i),
-                None => by_projection.push((&up.projection, vec![i])),
+                None => pending.push((&up.projection, vec![i])),
             }
         }
-        let chunks: Vec<(&str, &[usize])> = by_projection
-            .iter()
-            .flat_map(|(p, idx)| idx.chunks(CHUNK).map(move |c| (*p, c)))
-            .collect();
-        let mut pipe = redis::pipe();
-        for (projection, chunk) in &chunks {
-            let items: Vec<ScriptUpdate> = chunk
-                .iter()
-                .map(|&i| {
-                    let (up, event_id) = updates[i];
-                    let want_state = target == Target::Live
-                        && last_of_entity.get(&(up.projection.as_str(), up.key.as_str()))
-                            == Some(&i);
-                    ScriptUpdate {
-                        i: event_id,
-                        e: &up.key,
-                        c: clock(up.time_ms, event_id),
-                        s: u8::from(want_state),
-                        o: &up.ops,
+        // Another writer (a replica sharing entities, a rebuild switching
+        // versions) can win a race; the loser re-reads and folds again.
+        for _ in 0..MAX_ROUNDS {
+            if pending.is_empty() {
+                break;
+            }
+            let versions = self.versions(&mut conn, &pending, target).await?;
+            let reads = self
+                .read_for_fold(&mut conn, updates, &pending, &versions)
+                .await?;
+            let mut pipe = redis::pipe();
+            let mut calls = Vec::new();
+            for (((projection, idx), versions), read) in pending.iter().zip(&versions).zip(reads) {
+                let groups = self.fold(updates, idx, versions, read);
+                let mut chunk: Vec<Group> = Vec::new();
+                let mut args = 0;
+                for g in groups {
+                    args += g.args_len();
+                    chunk.push(g);
+                    if args >= CHUNK_ARGS {
+                        calls.push((*projection, std::mem::take(&mut chunk)));
+                        args = 0;
                     }
+                }
+                if !chunk.is_empty() {
+                    calls.push((*projection, chunk));
+                }
+            }
+            for (projection, groups) in &calls {
+                let version = &versions[pending
+                    .iter()
+                    .position(|(p, _)| p == projection)
+                    .expect("pending")];
+                let cmd = pipe
+                    .cmd("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(0)
+                    .arg(self.current_key(projection))
+                    .arg(self.building_key(projection))
+                    .arg(if target == Target::Live { "1" } else { "" })
+                    .arg(version[0])
+                    .arg(version.get(1).map(u64::to_string).unwrap_or_default())
+                    .arg(self.ttl_secs);
+                for g in groups.iter().filter(|g| g.write) {
+                    cmd.arg(&g.key).arg(g.expected_rev).arg(g.markers.len());
+                    cmd.arg(&g.markers).arg(g.fields.len() / 2).arg(&g.fields);
+                }
+            }
+            let replies: Vec<redis::Value> = if calls.is_empty() {
+                Vec::new()
+            } else {
+                pipe.query_async(&mut conn).await?
+            };
+            let mut retry: HashMap<&str, BTreeSet<usize>> = HashMap::new();
+            for ((projection, groups), reply) in calls.iter().zip(replies) {
+                let flags: Vec<i64> = match reply {
+                    redis::Value::Int(_) => vec![1; groups.len()],
+                    other => redis::from_redis_value(&other)?,
+                };
+                let mut flags = flags.into_iter();
+                for g in groups {
+                    let lost = g.write && flags.next().unwrap_or(1) == 1;
+                    if lost {
+                        retry.entry(projection).or_default().extend(&g.updates);
+                        continue;
+                    }
+                    if g.version_index == 0 {
+                        for (&i, &a) in g.updates.iter().zip(&g.applied) {
+                            applied[i] |= a;
+                        }
+                        let last = g.updates.last().copied();
+                        let wanted = last.filter(|i| {
+                            let up = updates[*i].0;
+                            target == Target::Live
+                                && last_of_entity.get(&(up.projection.as_str(), up.key.as_str()))
+                                    == Some(i)
+                        });
+                        if let Some(i) = wanted.filter(|_| !g.state.is_empty()) {
+                            let up = updates[i].0;
+                            let flat = g
+                                .state
+                                .iter()
+                                .flat_map(|(k, v)| [k.clone(), v.clone()])
+                                .collect();
+                            states[i] =
+                                Some(entity_state(&up.projection, &up.key, g.version, flat));
+                        }
+                    }
+                }
+            }
+            pending = pending
+                .into_iter()
+                .filter_map(|(p, _)| {
+                    retry
+                        .remove(p)
+                        .map(|idx| (p, idx.into_iter().collect::<Vec<_>>()))
                 })
                 .collect();
-            pipe.cmd("EVALSHA")
-                .arg(self.script.get_hash())
-                .arg(2)
-                .arg(self.current_key(projection))
-                .arg(self.building_key(projection))
-                .arg(format!("{}:v", self.base(projection)))
-                .arg(self.ttl_secs)
-                .arg(&version_arg)
-                .arg(serde_json::to_string(&items).expect("updates serialize"));
         }
-        let mut conn = self.conn.clone();
-        let raw: Vec<(String, Vec<i64>, Vec<Vec<String>>)> = pipe.query_async(&mut conn).await?;
-        let mut out: Vec<Option<Applied>> = vec![None; updates.len()];
-        for ((_, chunk), (version, applied, states)) in chunks.iter().zip(raw) {
-            let version = version.parse().unwrap_or(1);
-            let mut states = states.into_iter();
-            for (&i, applied) in chunk.iter().zip(applied) {
-                let up = updates[i].0;
-                let wanted = target == Target::Live
-                    && last_of_entity.get(&(up.projection.as_str(), up.key.as_str())) == Some(&i);
-                let state = wanted
-                    .then(|| states.next())
-                    .flatten()
-                    .filter(|flat| !flat.is_empty())
-                    .map(|flat| entity_state(&up.projection, &up.key, version, flat));
-                out[i] = Some(Applied {
-                    applied: applied == 1,
-                    state,
+        if !pending.is_empty() {
+            return Err(RedisError::from((
+                ErrorKind::TryAgain,
+                "entities kept changing under the apply",
+            )));
+        }
+        Ok(applied
+            .into_iter()
+            .zip(states)
+            .map(|(applied, state)| Applied { applied, state })
+            .collect())
+    }
+
+    /// The versions each projection's updates go to (current first).
+    async fn versions(
+        &self,
+        conn: &mut ConnectionManager,
+        pending: &[(&str, Vec<usize>)],
+        target: Target,
+    ) -> Result<Vec<Vec<u64>>, RedisError> {
+        if let Target::Version(v) = target {
+            return Ok(vec![vec![v]; pending.len()]);
+        }
+        let mut pipe = redis::pipe();
+        for (p, _) in pending {
+            pipe.get(self.current_key(p)).get(self.building_key(p));
+        }
+        let raw: Vec<Option<u64>> = pipe.query_async(conn).await?;
+        Ok(raw
+            .chunks(2)
+            .map(|c| {
+                let current = c[0].unwrap_or(1);
+                match c[1] {
+                    Some(b) if b != current => vec![current, b],
+                    _ => vec![current],
+                }
+            })
+            .collect())
+    }
+
+    /// One round trip: every entity the updates touch (HGETALL) and which of
+    /// their events each version has already applied (MGET of the markers).
+    async fn read_for_fold(
+        &self,
+        conn: &mut ConnectionManager,
+        updates: &[(&Update, &str)],
+        pending: &[(&str, Vec<usize>)],
+        versions: &[Vec<u64>],
+    ) -> Result<Vec<Vec<VersionRead>>, RedisError> {
+        let mut pipe = redis::pipe();
+        let mut shape = Vec::new();
+        for ((projection, idx), versions) in pending.iter().zip(versions) {
+            let mut entities: Vec<&str> = idx.iter().map(|&i| updates[i].0.key.as_str()).collect();
+            entities.sort_unstable();
+            entities.dedup();
+            let mut ids: Vec<&str> = idx.iter().map(|&i| updates[i].1).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for &v in versions {
+                let base = self.version_prefix(projection, v);
+                for e in &entities {
+                    pipe.cmd("HGETALL").arg(format!("{base}:e:{e}"));
+                }
+                pipe.cmd("MGET").arg(
+                    ids.iter()
+                        .map(|id| format!("{base}:seen:{id}"))
+                        .collect::<Vec<_>>(),
+                );
+            }
+            shape.push((entities, ids));
+        }
+        let mut replies: std::vec::IntoIter<redis::Value> = pipe
+            .query_async::<Vec<redis::Value>>(conn)
+            .await?
+            .into_iter();
+        let mut out = Vec::new();
+        for ((entities, ids), versions) in shape.into_iter().zip(versions) {
+            let mut per_version = Vec::new();
+            for _ in versions {
+                let mut found = HashMap::new();
+                for e in &entities {
+                    let fields: Fields = redis::from_redis_value(&replies.next().expect("reply"))?;
+                    found.insert(e.to_string(), fields);
+                }
+                let seen: Vec<Option<String>> =
+                    redis::from_redis_value(&replies.next().expect("reply"))?;
+                let seen = ids
+                    .iter()
+                    .zip(seen)
+                    .filter(|(_, s)| s.is_some())
+                    .map(|(id, _)| id.to_string())
+                    .collect();
+                per_version.push(VersionRead {
+                    entities: found,
+                    seen,
+                });
+            }
+            out.push(per_version);
+        }
+        Ok(out)
+    }
+
+    /// Folds one projection's updates into its entities, per version.
+    fn fold(
+        &self,
+        updates: &[(&Update, &str)],
+        idx: &[usize],
+        versions: &[u64],
+        reads: Vec<VersionRead>,
+    ) -> Vec<Group> {
+        let mut groups = Vec::new();
+        for (version_index, (read, &version)) in reads.into_iter().zip(versions).enumerate() {
+            let base = self.version_prefix(&updates[idx[0]].0.projection, version);
+            let mut seen = read.seen;
+            let mut by_entity: Vec<(&str, Vec<usize>)> = Vec::new();
+            let mut slot: HashMap<&str, usize> = HashMap::new();
+            for &i in idx {
+                let key = updates[i].0.key.as_str();
+                match slot.get(key) {
+                    Some(&s) => by_entity[s].1.push(i),
+                    None => {
+                        slot.insert(key, by_entity.len());
+                        by_entity.push((key, vec![i]));
+                    }
+                }
+            }
+            let mut entities = read.entities;
+            for (key, members) in by_entity {
+                let mut fields = entities.remove(key).unwrap_or_default();
+                let expected_rev = fold::rev(&fields);
+                let mut changed = BTreeSet::new();
+                let mut markers = Vec::new();
+                let mut group_applied = Vec::new();
+                for &i in &members {
+                    let (up, event_id) = updates[i];
+                    // Already applied in this version, or earlier in this
+                    // batch (the same event twice, or two rules of one
+                    // projection matching it): applied once only.
+                    let new = applied_here(&mut seen, event_id);
+                    if new {
+                        fold::apply(
+                            &mut fields,
+                            &mut changed,
+                            &up.ops,
+                            &clock(up.time_ms, event_id),
+                        );
+                        markers.push(format!("{base}:seen:{event_id}"));
+                    }
+                    group_applied.push(new);
+                }
+                let write = !markers.is_empty();
+                let mut flat = Vec::new();
+                if write {
+                    let rev = (expected_rev + 1).to_string();
+                    fields.insert(fold::REV.into(), rev.clone());
+                    for f in &changed {
+                        flat.push(f.clone());
+                        flat.push(fields[f].clone());
+                    }
+                    flat.push(fold::REV.into());
+                    flat.push(rev);
+                }
+                groups.push(Group {
+                    key: format!("{base}:e:{key}"),
+                    version,
+                    version_index,
+                    expected_rev,
+                    markers,
+                    fields: flat,
+                    write,
+                    updates: members,
+                    applied: group_applied,
+                    state: fields,
                 });
             }
         }
-        Ok(out
-            .into_iter()
-            .map(|a| a.expect("every update is in one chunk"))
-            .collect())
+        groups
     }
 
     /// The current version of a projection.
