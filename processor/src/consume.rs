@@ -158,7 +158,6 @@ impl Pipeline {
             .map(|(u, id, _)| (u, id.as_str()))
             .collect();
         let apply_spans = spans.phase(Phase::Apply);
-        let t0 = Instant::now();
         let results = self
             .store
             .apply_batch(&refs, Target::Live)
@@ -193,18 +192,7 @@ impl Pipeline {
                 }
             }
         }
-        let t1 = Instant::now();
-        let n_states = states.len();
         self.publish_states(states).await?;
-        if std::env::var_os("TIMING_DEBUG").is_some() {
-            eprintln!(
-                "TIMING batch={} apply={:?} states={} changelog={:?}",
-                batch.len(),
-                t1 - t0,
-                n_states,
-                t1.elapsed()
-            );
-        }
         drop(changelog_spans);
         if !plan.poison.is_empty() {
             let dead: Vec<_> = plan
@@ -256,7 +244,27 @@ impl Pipeline {
                 .states(&states)
                 .await
                 .map_err(|e| ("kafka", e.to_string()))?;
+            // Cheap check first (version and `~rev`), full reads only for
+            // the entities that changed since.
             let keys: Vec<(&str, &str)> = states
+                .iter()
+                .map(|(s, _)| (s.projection.as_str(), s.key.as_str()))
+                .collect();
+            let revs = self
+                .store
+                .revisions(&keys)
+                .await
+                .map_err(|e| ("redis", e.to_string()))?;
+            let moved: Vec<_> = states
+                .into_iter()
+                .zip(revs)
+                .filter(|((s, _), now)| (s.version, s.rev) != *now)
+                .map(|(state, _)| state)
+                .collect();
+            if moved.is_empty() {
+                return Ok(());
+            }
+            let keys: Vec<(&str, &str)> = moved
                 .iter()
                 .map(|(s, _)| (s.projection.as_str(), s.key.as_str()))
                 .collect();
@@ -265,7 +273,7 @@ impl Pipeline {
                 .read_many(&keys)
                 .await
                 .map_err(|e| ("redis", e.to_string()))?;
-            states = states
+            states = moved
                 .into_iter()
                 .zip(now)
                 .filter_map(|((published, tp), current)| {

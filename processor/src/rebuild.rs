@@ -350,6 +350,7 @@ async fn replay(
     let batch_size = options
         .max_records_per_sec
         .map_or(5000, |r| (r as usize / 10).clamp(1, 5000));
+    let mut in_flight = std::collections::VecDeque::new();
     while !targets.is_empty() {
         let mut batch: Vec<Record> = Vec::with_capacity(batch_size);
         let first = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
@@ -368,30 +369,25 @@ async fn replay(
                 Err(_) => break,
             }
         }
-        let plan = plan(std::iter::once(spec), &batch);
-        let refs: Vec<_> = plan
-            .updates
-            .iter()
-            .map(|(u, id, _)| (u, id.as_str()))
-            .collect();
-        let replay_spans = BatchSpans::replay(&batch, &spec.name);
-        let apply_spans = replay_spans.phase(Phase::Apply);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match store.apply_batch(&refs, Target::Version(version)).await {
-                Ok(_) => break,
-                Err(e) => {
-                    warn!(error = %e, "Redis failed during rebuild; retrying.");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+        // Decode, fold and write this batch on a worker while the next one
+        // is fetched: up to two batches in flight (their order does not
+        // matter: the apply is order-insensitive and entity writes are
+        // compare-and-set).
+        while in_flight.len() >= 2 {
+            in_flight.pop_front().expect("in flight").await?;
         }
-        drop((apply_spans, replay_spans));
-        done += batch.len() as u64;
-        for r in &batch {
-            let key = (r.topic.clone(), r.partition);
-            if targets.get(&key).is_some_and(|high| r.offset + 1 >= *high) {
+        let positions: Vec<(String, i32, i64)> = batch
+            .iter()
+            .map(|r| (r.topic.clone(), r.partition, r.offset))
+            .collect();
+        let (job_store, job_spec) = (store.clone(), spec.clone());
+        in_flight.push_back(tokio::spawn(async move {
+            apply_replayed(&job_store, &job_spec, version, &batch).await;
+        }));
+        done += positions.len() as u64;
+        for (topic, partition, offset) in positions {
+            let key = (topic, partition);
+            if targets.get(&key).is_some_and(|high| offset + 1 >= *high) {
                 targets.remove(&key);
             }
         }
@@ -416,5 +412,27 @@ async fn replay(
             );
         }
     }
+    for job in in_flight {
+        job.await?;
+    }
     Ok(done)
+}
+
+/// Applies one replayed batch into `version`, retrying Redis until it works.
+async fn apply_replayed(store: &Store, spec: &ProjectionSpec, version: u64, batch: &[Record]) {
+    let plan = plan(std::iter::once(spec), batch);
+    let refs: Vec<_> = plan
+        .updates
+        .iter()
+        .map(|(u, id, _)| (u, id.as_str()))
+        .collect();
+    let replay_spans = BatchSpans::replay(batch, &spec.name);
+    let apply_spans = replay_spans.phase(Phase::Apply);
+    let mut backoff = Duration::from_millis(100);
+    while let Err(e) = store.apply_batch(&refs, Target::Version(version)).await {
+        warn!(error = %e, "Redis failed during rebuild; retrying.");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    drop((apply_spans, replay_spans));
 }

@@ -2,12 +2,14 @@
 //!
 //! - [`spec`]: the `[[projection]]` config and the mapping from an event to
 //!   an [`spec::Update`] (pure, unit-tested);
-//! - [`store`]: the Redis side: versions, the atomic apply script, reads.
+//! - [`fold`]: the merge rules, applied to an entity in memory (pure);
+//! - [`store`]: the Redis side: versions, read → fold → compare-and-set
+//!   (`lua/commit.lua`), reads.
 //!
 //! Every update is order-insensitive: fields are last-writer-wins by
 //! `(event time, event id)`, a status only moves forward by precedence, and
 //! `sum`/`count` aggregates are commutative. Together with the per-version
-//! idempotency marker set in the same Lua call, the same set of events in any
+//! idempotency markers written in the same atomic step, the same set of events in any
 //! order, with any duplicates, gives the same state.
 
 pub mod fold;

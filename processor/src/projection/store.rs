@@ -7,13 +7,15 @@
 //! |---|---|
 //! | `P{NAME}:current` | current version (absent = 1); readers follow it |
 //! | `P{NAME}:building` | version a rebuild is filling (live applies dual-write) |
-//! | `P{NAME}:v<N>:e:<entity key>` | entity hash: fields (JSON text), `~c:<f>` clocks, `~r:<f>` ranks, `~updated` |
+//! | `P{NAME}:v<N>:e:<entity key>` | entity hash: fields (JSON text), `~c:<f>` clocks, `~r:<f>` ranks, `~updated`, `~rev` |
 //! | `P{NAME}:v<N>:seen:<event id>` | idempotency marker, TTL `dedup_window_secs` |
 //!
-//! [`Store::apply_batch`] sends one `EVALSHA` of `lua/apply.lua` per chunk
-//! of up to [`CHUNK`] updates of one projection, all in one pipeline: "seen?
-//! if not, apply and mark" stays atomic per event, an entity touched by many
-//! events of a chunk is read and written once, and a batch is one round trip.
+//! [`Store::apply_batch`] reads every entity a batch touches and the
+//! batch's markers in one pipeline, folds the new events per entity in
+//! memory ([`super::fold`]) and writes each entity with `lua/commit.lua`, a
+//! compare-and-set on its `~rev` that sets the events' markers in the same
+//! atomic step; an entity someone else changed meanwhile is read and folded
+//! again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -93,6 +95,9 @@ pub struct EntityState {
     pub updated_at: Option<String>,
     /// Id of that event.
     pub last_event_id: Option<String>,
+    /// The entity's `~rev` (changes with every write; not published).
+    #[serde(skip)]
+    pub rev: u64,
 }
 
 /// What applying one update did.
@@ -531,6 +536,40 @@ impl Store {
 }
 
 impl Store {
+    /// The current (version, `~rev`) of many entities in one round trip:
+    /// enough to tell whether a published state is still the latest.
+    pub async fn revisions(
+        &self,
+        entities: &[(&str, &str)],
+    ) -> Result<Vec<(u64, u64)>, RedisError> {
+        let mut conn = self.conn.clone();
+        let mut projections: Vec<&str> = entities.iter().map(|(p, _)| *p).collect();
+        projections.sort_unstable();
+        projections.dedup();
+        let mut pipe = redis::pipe();
+        for p in &projections {
+            pipe.get(self.current_key(p));
+        }
+        let versions: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        let version_of = |p: &str| {
+            let i = projections.iter().position(|x| *x == p).expect("listed");
+            versions[i].unwrap_or(1)
+        };
+        let mut pipe = redis::pipe();
+        for (p, k) in entities {
+            pipe.hget(
+                format!("{}:e:{k}", self.version_prefix(p, version_of(p))),
+                fold::REV,
+            );
+        }
+        let revs: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        Ok(entities
+            .iter()
+            .zip(revs)
+            .map(|((p, _), rev)| (version_of(p), rev.unwrap_or(0)))
+            .collect())
+    }
+
     /// Reads the current state of many entities in two round trips.
     pub async fn read_many(
         &self,
@@ -574,10 +613,13 @@ pub fn clock(time_ms: i64, event_id: &str) -> String {
 pub fn entity_state(projection: &str, key: &str, version: u64, flat: Vec<String>) -> EntityState {
     let mut state = BTreeMap::new();
     let mut updated = None;
+    let mut rev = 0;
     let mut it = flat.into_iter();
     while let (Some(f), Some(v)) = (it.next(), it.next()) {
         if f == "~updated" {
             updated = Some(v);
+        } else if f == fold::REV {
+            rev = v.parse().unwrap_or(0);
         } else if !f.starts_with('~') {
             let value = serde_json::from_str(&v).unwrap_or(Value::String(v));
             state.insert(f, value);
@@ -601,6 +643,7 @@ pub fn entity_state(projection: &str, key: &str, version: u64, flat: Vec<String>
         state,
         updated_at,
         last_event_id,
+        rev,
     }
 }
 
