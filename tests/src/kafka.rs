@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -170,18 +171,33 @@ pub fn producer(brokers: &str) -> FutureProducer {
         .expect("producer")
 }
 
-/// Produces many records with all of them in flight; panics on any failure.
+/// Produces many records with all of them in flight (as many as the local
+/// queue holds: when it is full, waits for the oldest ack); panics on any
+/// failure.
 pub async fn produce_all(producer: &FutureProducer, topic: &str, records: &[(String, Vec<u8>)]) {
-    let futs: Vec<_> = records
-        .iter()
-        .map(|(k, v)| {
-            producer
-                .send_result(FutureRecord::to(topic).key(k).payload(v))
-                .map_err(|(e, _)| e)
-                .expect("queue")
-        })
-        .collect();
-    for f in futs {
+    let mut pending = std::collections::VecDeque::new();
+    for (k, v) in records {
+        loop {
+            match producer.send_result(FutureRecord::to(topic).key(k).payload(v)) {
+                Ok(f) => {
+                    pending.push_back(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    let oldest = pending
+                        .pop_front()
+                        .expect("queue full with nothing in flight");
+                    oldest
+                        .await
+                        .expect("delivery")
+                        .map_err(|(e, _)| e)
+                        .expect("ack");
+                }
+                Err((e, _)) => panic!("queue: {e}"),
+            }
+        }
+    }
+    for f in pending {
         f.await.expect("delivery").map_err(|(e, _)| e).expect("ack");
     }
 }
