@@ -63,17 +63,7 @@ async fn apply_all(store: &Store, events: &[(usize, Ev)], batch: usize) -> serde
             if let Some(n) = &e.note {
                 body["note"] = n.clone().into();
             }
-            let event = WebhookEvent {
-                event_id: format!("evt-{id}"),
-                source: "s".into(),
-                scheme: "hmac-sha256".into(),
-                event_type: "order.updated".into(),
-                body: body.to_string().into_bytes(),
-                headers: vec![],
-                provider_timestamp: None,
-                received_at_ms: 0,
-                key_id: 0,
-            };
+            let event = order_event(*id, &body);
             let spec = spec_with_status(e.status);
             let update = spec.map(&spec.rules[0], &event, Some(&body)).unwrap();
             updates.push((update, event.event_id));
@@ -202,19 +192,24 @@ fn order_updates(
     let mut updates = Vec::new();
     for id in ids {
         let body = serde_json::json!({"order_id": order, "at": 1_740_000_000 + id, "carrier": "A", "amount": 2});
-        let event = WebhookEvent {
-            event_id: format!("evt-{id}"),
-            source: "s".into(),
-            scheme: "hmac-sha256".into(),
-            event_type: "order.updated".into(),
-            body: body.to_string().into_bytes(),
-            headers: vec![],
-            provider_timestamp: None,
-            received_at_ms: 0,
-            key_id: 0,
-        };
+        let event = order_event(id, &body);
         let update = spec.map(&spec.rules[0], &event, Some(&body)).unwrap();
         updates.push((update, event.event_id));
     }
     updates
+}
+
+/// An `order.updated` event `evt-<id>` with this body.
+fn order_event(id: usize, body: &serde_json::Value) -> WebhookEvent {
+    WebhookEvent {
+        event_id: format!("evt-{id}"),
+        source: "s".into(),
+        scheme: "hmac-sha256".into(),
+        event_type: "order.updated".into(),
+        body: body.to_string().into_bytes(),
+        headers: vec![],
+        provider_timestamp: None,
+        received_at_ms: 0,
+        key_id: 0,
+    }
 }

@@ -536,25 +536,34 @@ impl Store {
 }
 
 impl Store {
-    /// The current (version, `~rev`) of many entities in one round trip:
-    /// enough to tell whether a published state is still the latest.
-    pub async fn revisions(
+    /// The current version of each projection among `entities`, as a lookup.
+    async fn current_versions(
         &self,
+        conn: &mut ConnectionManager,
         entities: &[(&str, &str)],
-    ) -> Result<Vec<(u64, u64)>, RedisError> {
-        let mut conn = self.conn.clone();
-        let mut projections: Vec<&str> = entities.iter().map(|(p, _)| *p).collect();
+    ) -> Result<impl Fn(&str) -> u64, RedisError> {
+        let mut projections: Vec<String> = entities.iter().map(|(p, _)| p.to_string()).collect();
         projections.sort_unstable();
         projections.dedup();
         let mut pipe = redis::pipe();
         for p in &projections {
             pipe.get(self.current_key(p));
         }
-        let versions: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
-        let version_of = |p: &str| {
-            let i = projections.iter().position(|x| *x == p).expect("listed");
+        let versions: Vec<Option<u64>> = pipe.query_async(conn).await?;
+        Ok(move |p: &str| {
+            let i = projections.iter().position(|x| x == p).expect("listed");
             versions[i].unwrap_or(1)
-        };
+        })
+    }
+
+    /// The current (version, `~rev`) of many entities in two round trips:
+    /// enough to tell whether a published state is still the latest.
+    pub async fn revisions(
+        &self,
+        entities: &[(&str, &str)],
+    ) -> Result<Vec<(u64, u64)>, RedisError> {
+        let mut conn = self.conn.clone();
+        let version_of = self.current_versions(&mut conn, entities).await?;
         let mut pipe = redis::pipe();
         for (p, k) in entities {
             pipe.hget(
@@ -575,19 +584,8 @@ impl Store {
         &self,
         entities: &[(&str, &str)],
     ) -> Result<Vec<Option<EntityState>>, RedisError> {
-        let mut projections: Vec<&str> = entities.iter().map(|(p, _)| *p).collect();
-        projections.sort_unstable();
-        projections.dedup();
         let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        for p in &projections {
-            pipe.get(self.current_key(p));
-        }
-        let versions: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
-        let version_of = |p: &str| {
-            let i = projections.iter().position(|x| *x == p).expect("listed");
-            versions[i].unwrap_or(1)
-        };
+        let version_of = self.current_versions(&mut conn, entities).await?;
         let mut pipe = redis::pipe();
         for (p, k) in entities {
             pipe.cmd("HGETALL")
