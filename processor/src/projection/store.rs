@@ -35,7 +35,13 @@ const COMMIT_LUA: &str = include_str!("../../lua/commit.lua");
 const CHUNK_ARGS: usize = 8_000;
 
 /// Read-fold-write rounds before giving up (each lost race is one round).
-const MAX_ROUNDS: usize = 16;
+const MAX_ROUNDS: usize = 32;
+
+/// A random pause before round `round` (≥ 1): up to 1, 2, 4 … 64 ms.
+fn lost_race_backoff(round: usize) -> Duration {
+    let ceiling_ms = 1u64 << (round - 1).min(6);
+    Duration::from_micros(rand::random::<u64>() % (ceiling_ms * 1000 + 1))
+}
 
 /// What one read found in one version of a projection.
 struct VersionRead {
@@ -223,9 +229,14 @@ impl Store {
         }
         // Another writer (a replica sharing entities, a rebuild switching
         // versions) can win a race; the loser re-reads and folds again.
-        for _ in 0..MAX_ROUNDS {
+        for round in 0..MAX_ROUNDS {
             if pending.is_empty() {
                 break;
+            }
+            if round > 0 {
+                // Writers that lost to each other back off for a random
+                // while so they stop colliding in lockstep.
+                tokio::time::sleep(lost_race_backoff(round)).await;
             }
             let versions = self.versions(&mut conn, &pending, target).await?;
             let reads = self
@@ -648,6 +659,17 @@ pub fn entity_state(projection: &str, key: &str, version: u64, flat: Vec<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lost_race_backoff_grows_and_is_capped() {
+        for _ in 0..100 {
+            assert!(lost_race_backoff(1) <= Duration::from_millis(1));
+            assert!(lost_race_backoff(3) <= Duration::from_millis(4));
+            assert!(lost_race_backoff(15) <= Duration::from_millis(64));
+        }
+        let spread: HashSet<_> = (0..50).map(|_| lost_race_backoff(7)).collect();
+        assert!(spread.len() > 1, "jittered, not lockstep");
+    }
 
     #[test]
     fn clocks_order_by_time_then_id() {
