@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the local stack needs, idempotently:
 #   - Debian's redis-server (apt-get when absent),
-#   - curl and openssl (used by the example sender),
+#   - curl and openssl (used by the example sender), sqlite3 (indexes the
+#     broker's sqlite file, see stack.sh),
 #   - Debian's prometheus package for promtool (alert rule checks),
 #   - the Tansu broker into .tools/bin (cargo install, ~12 min once on 2
 #     cores; reused from ~/.cache/hooklog/tansu-0.6.0 when present).
@@ -15,6 +16,8 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# sqlite3 adds the header index Tansu 0.6's sqlite schema lacks.
+command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 # promtool validates deploy/monitoring/alerts.yaml (make lint).
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then

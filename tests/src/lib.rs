@@ -136,6 +136,11 @@ impl Service {
         }
     }
 
+    /// The directory it runs in (its files and log).
+    pub fn dir(&self) -> &Path {
+        &self.cwd
+    }
+
     /// Adds an environment variable for the next start.
     pub fn env(&mut self, k: &str, v: &str) {
         self.envs.push((k.into(), v.into()));
@@ -304,6 +309,7 @@ impl Stack {
             .replace(&advertised.to_string(), &stack.tansu_port.to_string());
         let p = proxy::Proxy::start(advertised, target);
         stack.wait_ready();
+        stack.index_tansu_headers();
         (stack, p)
     }
 
@@ -371,8 +377,33 @@ impl Stack {
         };
         if advertised == kport {
             stack.wait_ready();
+            stack.index_tansu_headers();
         }
         stack
+    }
+
+    /// Tansu 0.6's sqlite schema has no index on record headers, so every
+    /// fetched record scans all headers of all topics: consuming N records
+    /// costs O(N²) and a 20,000-event run stalls. Hooklog's records carry
+    /// headers, so the harness adds the missing index once the broker has
+    /// created its schema (docs/processor.md, "Tansu").
+    fn index_tansu_headers(&self) {
+        let Some(tansu) = &self.tansu else { return };
+        let db = tansu.dir().join("tansu.db");
+        if !db.exists() {
+            return; // memory storage
+        }
+        let out = Command::new("sqlite3")
+            .args(["-cmd", ".timeout 10000"])
+            .arg(&db)
+            .arg(TANSU_HEADER_INDEX)
+            .output()
+            .expect("sqlite3 is missing: run deploy/local/install.sh");
+        assert!(
+            out.status.success(),
+            "indexing Tansu headers: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Waits until Redis answers PING and the broker answers metadata.
@@ -399,6 +430,10 @@ impl Stack {
             .expect("redis")
     }
 }
+
+/// The index Tansu 0.6's sqlite schema lacks (see `deploy/local/stack.sh`).
+pub const TANSU_HEADER_INDEX: &str =
+    "create index if not exists header_topition_offset on header (topition, offset_id);";
 
 /// One stack per test binary, or the one named by `HOOKLOG_TEST_BROKERS`
 /// and `HOOKLOG_TEST_REDIS`.
