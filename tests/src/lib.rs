@@ -507,7 +507,12 @@ pub struct TestEnv {
     pub delivery_port: u16,
     /// Extra TOML appended to the config (tests that tune settings).
     extra: String,
+    /// `HOOKLOG_LOG` of the spawned binaries.
+    log: String,
 }
+
+/// Tests log at debug: a failure's log then shows what happened.
+const TEST_LOG_LEVEL: &str = "debug,rdkafka=info,librdkafka=warn,h2=info,hyper=info,tower=info";
 
 impl TestEnv {
     /// A namespace on the shared stack.
@@ -528,10 +533,18 @@ impl TestEnv {
             processor_port: free_port(),
             delivery_port: free_port(),
             extra: extra.into(),
+            log: TEST_LOG_LEVEL.into(),
             id,
         };
         env.write_config(&env.projections_toml(false));
         env
+    }
+
+    /// Sets `HOOKLOG_LOG` for the binaries started from here on (benchmarks
+    /// run at the production default, `info`).
+    pub fn with_log(mut self, level: &str) -> Self {
+        self.log = level.into();
+        self
     }
 
     /// The raw topic of a source in this namespace.
@@ -630,10 +643,7 @@ name = "customers"
             "HOOKLOG_CONFIG".into(),
             self.config_path.display().to_string(),
         ));
-        v.push((
-            "HOOKLOG_LOG".into(),
-            "debug,rdkafka=info,librdkafka=warn,h2=info,hyper=info,tower=info".into(),
-        ));
+        v.push(("HOOKLOG_LOG".into(), self.log.clone()));
         v
     }
 

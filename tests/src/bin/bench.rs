@@ -231,7 +231,9 @@ async fn main() {
         &stack.brokers,
         &stack.redis_url,
         "[processor]\npartitions = 6\nbatch_size = 2000",
-    );
+    )
+    // The production default: a debug line per request would be measured.
+    .with_log("info");
     env.create_topics();
 
     // 1. Ingest (verified + acks=all) vs the bare HTTP limit.
@@ -351,7 +353,8 @@ async fn main() {
         &stack.brokers,
         &stack.redis_url,
         "[processor]\npartitions = 6\nbatch_size = 1",
-    );
+    )
+    .with_log("info");
     naive.create_topics();
     kafka::produce_all(
         &producer,
