@@ -56,11 +56,8 @@ case "$cmd" in
     done
     "$tansu" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1 \
       || { echo "stack: tansu did not answer a metadata request (see $run_dir/tansu.log)"; exit 1; }
-    # Tansu 0.6's sqlite schema has no index on record headers: each fetched
-    # record scans every header, so consuming slows quadratically as topics
-    # grow (docs/processor.md, "Tansu"). Add it once the schema exists.
-    sqlite3 -cmd ".timeout 10000" "$run_dir/tansu.db" \
-      "create index if not exists header_topition_offset on header (topition, offset_id);" \
+    # The index Tansu 0.6's sqlite schema lacks (see the .sql file).
+    sqlite3 -cmd ".timeout 10000" "$run_dir/tansu.db" < "$root/deploy/local/tansu-header-index.sql" \
       || { echo "stack: could not index Tansu headers in $run_dir/tansu.db"; exit 1; }
     echo "stack: redis 127.0.0.1:$REDIS_PORT, kafka 127.0.0.1:$KAFKA_PORT (run dir $run_dir)"
     ;;

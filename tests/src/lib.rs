@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod receiver;
 pub mod sign;
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -393,12 +394,23 @@ impl Stack {
         if !db.exists() {
             return; // memory storage
         }
-        let out = Command::new("sqlite3")
+        // The SQL goes in on stdin, as in stack.sh (its leading `--`
+        // comments would read as options on the command line).
+        let mut child = Command::new("sqlite3")
             .args(["-cmd", ".timeout 10000"])
             .arg(&db)
-            .arg(TANSU_HEADER_INDEX)
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("sqlite3 is missing: run deploy/local/install.sh");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(TANSU_HEADER_INDEX.as_bytes())
+            .expect("write to sqlite3");
+        let out = child.wait_with_output().expect("sqlite3");
         assert!(
             out.status.success(),
             "indexing Tansu headers: {}",
@@ -431,9 +443,8 @@ impl Stack {
     }
 }
 
-/// The index Tansu 0.6's sqlite schema lacks (see `deploy/local/stack.sh`).
-pub const TANSU_HEADER_INDEX: &str =
-    "create index if not exists header_topition_offset on header (topition, offset_id);";
+/// The index Tansu 0.6's sqlite schema lacks (shared with `stack.sh`).
+const TANSU_HEADER_INDEX: &str = include_str!("../../deploy/local/tansu-header-index.sql");
 
 /// One stack per test binary, or the one named by `HOOKLOG_TEST_BROKERS`
 /// and `HOOKLOG_TEST_REDIS`.
