@@ -42,7 +42,7 @@ fn one<'a>(spans: &'a [Span], name: &str) -> &'a Span {
 async fn one_trace_from_http_request_through_kafka_to_the_projection() {
     let env = TestEnv::new("obs-trace");
     env.create_topics();
-    let collector = Collector::start().await;
+    let collector = Collector::start();
     let otel = collector.env();
     let mut ingest = env.ingest_service();
     let mut processor = env.processor_service();

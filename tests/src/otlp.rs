@@ -32,27 +32,41 @@ pub struct Collector {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` for it.
     pub endpoint: String,
     spans: Arc<Mutex<Vec<Span>>>,
-    task: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Collector {
-    /// Starts listening.
-    pub async fn start() -> Self {
+    /// Starts listening, on a thread and runtime of its own: a test that
+    /// blocks its runtime (running `hooklog-processor rebuild` to completion)
+    /// must not stop the receiver answering that process's export.
+    pub fn start() -> Self {
         let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
         let app = Router::new()
             .route("/v1/traces", post(receive))
             .with_state(spans.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("serve");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .expect("serve");
+            });
         });
         Self {
             endpoint,
             spans,
-            task,
+            stop: Some(stop),
         }
     }
 
@@ -73,7 +87,9 @@ impl Collector {
 
 impl Drop for Collector {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
