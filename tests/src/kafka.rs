@@ -107,8 +107,7 @@ pub fn read_all(brokers: &str, topic: &str) -> Vec<Rec> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !remaining.is_empty() {
         assert!(Instant::now() < deadline, "reading {topic} timed out");
-        if let Some(m) = c.poll(Duration::from_millis(200)) {
-            let m = m.expect("record");
+        if let Some(m) = poll_record(&c) {
             out.push(to_rec(&m));
             if remaining
                 .get(&m.partition())
@@ -134,12 +133,24 @@ pub fn read_at(brokers: &str, topic: &str, partition: i32, offset: i64) -> Rec {
             Instant::now() < deadline,
             "no record at {topic}/{partition}/{offset}"
         );
-        if let Some(m) = c.poll(Duration::from_millis(200)) {
-            let m = m.expect("record");
+        if let Some(m) = poll_record(&c) {
             if m.offset() == offset {
                 return to_rec(&m);
             }
         }
+    }
+}
+
+/// One poll. A lost broker connection (`AllBrokersDown`, transport
+/// failures: Tansu under the parallel suite's load) is reported as an error
+/// while librdkafka reconnects; the callers' deadlines still bound the wait.
+fn poll_record(c: &BaseConsumer) -> Option<rdkafka::message::BorrowedMessage<'_>> {
+    match c.poll(Duration::from_millis(200))? {
+        Ok(m) => Some(m),
+        Err(KafkaError::MessageConsumption(
+            RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure,
+        )) => None,
+        Err(e) => panic!("record: {e}"),
     }
 }
 
