@@ -168,7 +168,7 @@ impl ProjectionSpec {
         doc: Option<&Value>,
     ) -> Result<Update, MappingError> {
         let doc = doc.ok_or(MappingError::NotJson)?;
-        let key = match doc.pointer(&rule.key) {
+        let key = match lookup(doc, &rule.key) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
             _ => return Err(MappingError::MissingKey(rule.key.clone())),
@@ -176,7 +176,7 @@ impl ProjectionSpec {
         let time_ms = rule
             .time
             .as_deref()
-            .and_then(|p| doc.pointer(p))
+            .and_then(|p| lookup(doc, p))
             .and_then(parse_time_ms)
             .unwrap_or(event.received_at_ms)
             .max(0);
@@ -195,7 +195,7 @@ impl ProjectionSpec {
         }
         for (field, pointer) in &rule.set {
             // An absent optional field is simply not set by this event.
-            if let Some(v) = doc.pointer(pointer) {
+            if let Some(v) = lookup(doc, pointer) {
                 ops.push(Op::Set {
                     f: field.clone(),
                     v: v.to_string(),
@@ -203,7 +203,7 @@ impl ProjectionSpec {
             }
         }
         for (field, pointer) in &rule.sum {
-            let n = doc.pointer(pointer).and_then(|v| match v {
+            let n = lookup(doc, pointer).and_then(|v| match v {
                 Value::Number(n) => Some(n.clone()),
                 _ => None,
             });
@@ -225,6 +225,34 @@ impl ProjectionSpec {
             ops,
         })
     }
+}
+
+/// Resolves a JSON pointer (RFC 6901) like `Value::pointer`, without its
+/// two string replacements per token: tokens without `~` (nearly all) are
+/// compared in place, so a lookup allocates nothing.
+fn lookup<'a>(doc: &'a Value, pointer: &str) -> Option<&'a Value> {
+    if pointer.is_empty() {
+        return Some(doc);
+    }
+    let mut at = doc;
+    for raw in pointer.strip_prefix('/')?.split('/') {
+        let token: std::borrow::Cow<'_, str> = if raw.as_bytes().contains(&b'~') {
+            raw.replace("~1", "/").replace("~0", "~").into()
+        } else {
+            raw.into()
+        };
+        at = match at {
+            Value::Object(map) => map.get(token.as_ref())?,
+            Value::Array(items) => {
+                if token.starts_with('+') || (token.starts_with('0') && token.len() > 1) {
+                    return None;
+                }
+                items.get(token.parse::<usize>().ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    Some(at)
 }
 
 /// `order.*` matches `order.shipped`; anything else matches exactly.
@@ -256,6 +284,34 @@ pub fn parse_time_ms(v: &Value) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lookup_agrees_with_value_pointer() {
+        let doc: Value = serde_json::from_str(
+            r#"{"a":{"b":[10,{"c/d":1,"e~f":2,"":3}]},"0":4,"n":12345678901234567890123}"#,
+        )
+        .unwrap();
+        for p in [
+            "",
+            "/a",
+            "/a/b",
+            "/a/b/0",
+            "/a/b/1/c~1d",
+            "/a/b/1/e~0f",
+            "/a/b/1/",
+            "/0",
+            "/n",
+            "/a/b/01",
+            "/a/b/+1",
+            "/a/b/2",
+            "/a/x",
+            "a",
+            "/a/b/-",
+            "/0/x",
+        ] {
+            assert_eq!(lookup(&doc, p), doc.pointer(p), "pointer {p:?}");
+        }
+    }
 
     fn orders() -> ProjectionSpec {
         let text = r#"
