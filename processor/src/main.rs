@@ -125,9 +125,13 @@ async fn main() -> anyhow::Result<()> {
                 },
             )
             .await?;
+            let secs = r.replay_time.as_secs_f64();
             println!(
-                "rebuilt {projection}: version {} is current (was {}), {} records replayed",
-                r.version, r.previous, r.records
+                "rebuilt {projection}: version {} is current (was {}), {} records replayed in {secs:.1} s ({:.0} records/s)",
+                r.version,
+                r.previous,
+                r.records,
+                r.records as f64 / secs.max(0.001)
             );
             if grace_secs > 0 {
                 eprintln!(

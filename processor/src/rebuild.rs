@@ -60,6 +60,8 @@ pub struct Report {
     pub previous: u64,
     /// Records replayed.
     pub records: u64,
+    /// How long the replay took (from the first fetch to the last write).
+    pub replay_time: Duration,
     /// Entities compared (verify).
     pub compared: u64,
     /// Differences (verify): key and a description.
@@ -67,6 +69,9 @@ pub struct Report {
 }
 
 const LOCK_TTL_SECS: u64 = 10;
+
+/// Replayed batches being decoded or written at once.
+const IN_FLIGHT: usize = 3;
 
 /// Runs a rebuild or verify of `spec`.
 pub async fn run(
@@ -133,10 +138,12 @@ pub async fn run(
             }
         }
     });
+    let replay_started = Instant::now();
     let result = replay(config, store, spec, version, metrics, options).await;
     let mut report = Report {
         version,
         previous,
+        replay_time: replay_started.elapsed(),
         ..Default::default()
     };
     let outcome = match result {
@@ -189,7 +196,7 @@ where
             .arg("MATCH")
             .arg(pattern)
             .arg("COUNT")
-            .arg(1000)
+            .arg(5000)
             .query_async(&mut conn)
             .await?;
         if !keys.is_empty() {
@@ -351,6 +358,7 @@ async fn replay(
         .max_records_per_sec
         .map_or(5000, |r| (r as usize / 10).clamp(1, 5000));
     let mut in_flight = std::collections::VecDeque::new();
+    let write_turn = Arc::new(tokio::sync::Mutex::new(()));
     while !targets.is_empty() {
         let mut batch: Vec<Record> = Vec::with_capacity(batch_size);
         let first = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
@@ -369,20 +377,21 @@ async fn replay(
                 Err(_) => break,
             }
         }
-        // Decode, fold and write this batch on a worker while the next one
-        // is fetched: up to two batches in flight (their order does not
-        // matter: the apply is order-insensitive and entity writes are
-        // compare-and-set).
-        while in_flight.len() >= 2 {
+        // Decode and map this batch on a worker while the next ones are
+        // fetched (up to IN_FLIGHT batches); their Redis writes take turns.
+        // Concurrent writes of two batches would share entities (every
+        // batch touches most customers, say) and lose compare-and-set races
+        // to each other: measured here, 13 of 31 batches were written twice.
+        while in_flight.len() >= IN_FLIGHT {
             in_flight.pop_front().expect("in flight").await?;
         }
         let positions: Vec<(String, i32, i64)> = batch
             .iter()
             .map(|r| (r.topic.clone(), r.partition, r.offset))
             .collect();
-        let (job_store, job_spec) = (store.clone(), spec.clone());
+        let (job_store, job_spec, turn) = (store.clone(), spec.clone(), write_turn.clone());
         in_flight.push_back(tokio::spawn(async move {
-            apply_replayed(&job_store, &job_spec, version, &batch).await;
+            apply_replayed(&job_store, &job_spec, version, &batch, &turn).await;
         }));
         done += positions.len() as u64;
         for (topic, partition, offset) in positions {
@@ -419,7 +428,13 @@ async fn replay(
 }
 
 /// Applies one replayed batch into `version`, retrying Redis until it works.
-async fn apply_replayed(store: &Store, spec: &ProjectionSpec, version: u64, batch: &[Record]) {
+async fn apply_replayed(
+    store: &Store,
+    spec: &ProjectionSpec,
+    version: u64,
+    batch: &[Record],
+    write_turn: &tokio::sync::Mutex<()>,
+) {
     let plan = plan(std::iter::once(spec), batch);
     let refs: Vec<_> = plan
         .updates
@@ -427,6 +442,7 @@ async fn apply_replayed(store: &Store, spec: &ProjectionSpec, version: u64, batc
         .map(|(u, id, _)| (u, id.as_str()))
         .collect();
     let replay_spans = BatchSpans::replay(batch, &spec.name);
+    let _turn = write_turn.lock().await;
     let apply_spans = replay_spans.phase(Phase::Apply);
     let mut backoff = Duration::from_millis(100);
     while let Err(e) = store.apply_batch(&refs, Target::Version(version)).await {
