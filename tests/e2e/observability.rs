@@ -482,7 +482,10 @@ async fn logs_are_json_with_their_fields_and_never_hold_secrets_signatures_or_bo
             );
         }
         let lines = json_lines(&log, who);
-        assert!(lines.len() > 5, "{who} logged");
+        // Ingest logs every rejection; the processor its start and the
+        // dead letter (at least: libraries add debug lines of their own).
+        let least = if who == "ingest" { 6 } else { 2 };
+        assert!(lines.len() >= least, "{who} logged {} lines", lines.len());
         for l in &lines {
             for field in ["timestamp", "level", "target", "message"] {
                 assert!(l.get(field).is_some(), "{who}: no {field} in {l}");
