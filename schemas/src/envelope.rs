@@ -127,8 +127,9 @@ impl WebhookEvent {
         if bytes.len() < 10 || bytes[..2] != MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        // Only one schema version exists so far; a new version adds its
-        // fingerprint here and is resolved against the reader schema.
+        // Only one schema version exists so far; an older version's
+        // fingerprint would be matched here and its datum decoded with that
+        // writer schema into `Wire` (docs/schema-evolution.md).
         if bytes[2..10] != Self::fingerprint()[..] {
             return Err(DecodeError::UnknownSchema);
         }
