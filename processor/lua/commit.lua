@@ -8,10 +8,12 @@
 -- ARGV[2] = building version pointer key
 -- ARGV[3] = "1": live apply, check the pointers; "": a rebuild's own version
 -- ARGV[4] = current version as read; ARGV[5] = building version as read or ""
--- ARGV[6] = idempotency marker TTL in seconds
--- ARGV[7..] = groups, each: entity hash key, expected `~rev` ("0" = absent),
---   marker count, the marker keys, field count, then field, value pairs
---   (the new `~rev` among them)
+-- ARGV[6] = now (unix seconds); ARGV[7] = when the markers' bucket expires
+-- ARGV[8] = number of marker sets S, then S pairs: bucket set key, bucket
+--   index key (a sorted set: bucket key -> its expiry; see seen.lua)
+-- then groups, each: entity hash key, expected `~rev` ("0" = absent), marker
+--   set number (1..S), marker count, the event ids, field count, then field,
+--   value pairs (the new `~rev` among them)
 -- Returns -1 when a rebuild switched versions since the read (nothing
 -- written), else one flag per group: 0 written, 1 changed meanwhile (not
 -- written; the processor re-reads and folds it again).
@@ -29,19 +31,24 @@ if ARGV[3] == '1' then
   end
 end
 
-local ttl = ARGV[6]
+local now, expiry = tonumber(ARGV[6]), tonumber(ARGV[7])
+local sets = tonumber(ARGV[8])
+local marked = {}
+for s = 1, sets do marked[s] = {} end
 local result = {}
-local a = 7
+local a = 9 + 2 * sets
 while a <= #ARGV do
   local key, expected = ARGV[a], ARGV[a + 1]
-  local markers = tonumber(ARGV[a + 2])
-  local first_marker = a + 3
+  local set = tonumber(ARGV[a + 2])
+  local markers = tonumber(ARGV[a + 3])
+  local first_marker = a + 4
   local nfields = tonumber(ARGV[first_marker + markers])
   local first_field = first_marker + markers + 1
   local next_group = first_field + 2 * nfields
   if (redis.call('HGET', key, '~rev') or '0') == expected then
+    local ids = marked[set]
     for m = first_marker, first_marker + markers - 1 do
-      redis.call('SET', ARGV[m], '1', 'EX', ttl)
+      ids[#ids + 1] = ARGV[m]
     end
     if nfields > 0 then
       redis.call('HSET', key, unpack(ARGV, first_field, next_group - 1))
@@ -51,5 +58,26 @@ while a <= #ARGV do
     result[#result + 1] = 1
   end
   a = next_group
+end
+
+-- One SADD per marker set for the whole call. The bucket (and its index)
+-- only ever get a later expiry, never an earlier one.
+local function expire_at_least(key)
+  if redis.call('TTL', key) < expiry - now then
+    redis.call('EXPIREAT', key, expiry)
+  end
+end
+for s = 1, sets do
+  local ids = marked[s]
+  if #ids > 0 then
+    local bucket, index = ARGV[7 + 2 * s], ARGV[8 + 2 * s]
+    for first = 1, #ids, 1000 do
+      redis.call('SADD', bucket, unpack(ids, first, math.min(first + 999, #ids)))
+    end
+    expire_at_least(bucket)
+    redis.call('ZADD', index, 'GT', expiry, bucket)
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. now)
+    expire_at_least(index)
+  end
 end
 return result

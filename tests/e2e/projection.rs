@@ -150,6 +150,127 @@ async fn a_batch_spanning_several_script_calls_applies_each_event_once() {
     assert_eq!(results[1099].state.as_ref(), Some(&s));
 }
 
+/// A large batch over many entities is applied in concurrent shards: every
+/// update keeps its own verdict in batch order, each entity's last update
+/// carries its state, and the states equal applying the same events one
+/// entity at a time.
+#[tokio::test]
+async fn a_sharded_batch_matches_applying_entity_by_entity() {
+    let spec = spec_with_status(2);
+    let mut updates = Vec::new();
+    for round in 0..20 {
+        for order in 0..60 {
+            let id = round * 60 + order;
+            updates.extend(order_updates(
+                &spec,
+                &format!("ORD-S{order}"),
+                std::iter::once(id),
+            ));
+        }
+    }
+    // Redeliveries of the first 100 events at the end of the batch.
+    let again: Vec<_> = updates[..100].to_vec();
+    updates.extend(again);
+    let url = shared_stack().redis_url.clone();
+    let sharded = Store::connect(&url, &unique("e2e:shard:"), 600)
+        .await
+        .unwrap();
+    let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
+    let results = sharded.apply_batch(&refs, Target::Live).await.unwrap();
+    assert_eq!(results.len(), 1300);
+    assert!(results[..1200].iter().all(|r| r.applied));
+    assert!(results[1200..].iter().all(|r| !r.applied));
+    let one_by_one = Store::connect(&url, &unique("e2e:shard:"), 600)
+        .await
+        .unwrap();
+    for order in 0..60 {
+        let key = format!("ORD-S{order}");
+        // The entity's last update in the batch carries its state.
+        let last = (0..refs.len())
+            .rev()
+            .find(|&i| refs[i].0.key == key)
+            .unwrap();
+        let mine: Vec<_> = refs.iter().filter(|r| r.0.key == key).copied().collect();
+        for r in &mine {
+            one_by_one.apply_batch(&[*r], Target::Live).await.unwrap();
+        }
+        let got = sharded.read("orders", &key, None).await.unwrap().unwrap();
+        let want = one_by_one
+            .read("orders", &key, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.state, want.state, "{key}");
+        assert_eq!(got.state["events"].as_i64(), Some(20), "{key}");
+        assert_eq!(results[last].state.as_ref(), Some(&got), "{key}");
+        for i in (0..refs.len()).filter(|&i| refs[i].0.key == key && i != last) {
+            assert!(
+                results[i].state.is_none(),
+                "{key}: only the last update has state"
+            );
+        }
+    }
+}
+
+/// Markers outlive a change of `dedup_window_secs` (which changes the bucket
+/// width): redeliveries after a restart with a new window still count once.
+/// The buckets expire, a window and at most one bucket width from now, and
+/// one entity's 2,500 new events in one call are all remembered.
+#[tokio::test]
+async fn markers_survive_a_window_change_and_expire_with_their_bucket() {
+    let prefix = unique("e2e:window:");
+    let url = shared_stack().redis_url.clone();
+    let spec = spec_with_status(1);
+    let first = Store::connect(&url, &prefix, 600).await.unwrap();
+    let updates = order_updates(&spec, "ORD-W", 0..2500);
+    let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
+    let results = first.apply_batch(&refs, Target::Live).await.unwrap();
+    assert!(results.iter().all(|r| r.applied));
+
+    let second = Store::connect(&url, &prefix, 7 * 86_400).await.unwrap();
+    let again = order_updates(&spec, "ORD-W", (0..2500).step_by(7).chain(2500..2510));
+    let refs: Vec<_> = again.iter().map(|(u, id)| (u, id.as_str())).collect();
+    let results = second.apply_batch(&refs, Target::Live).await.unwrap();
+    let applied = results.iter().filter(|r| r.applied).count();
+    assert_eq!(applied, 10, "only the 10 new ids apply");
+    let s = second.read("orders", "ORD-W", None).await.unwrap().unwrap();
+    assert_eq!(s.state["events"].as_i64(), Some(2510));
+
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let index = format!("{prefix}{{orders}}:v1:seen");
+    let buckets: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&index)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!buckets.is_empty() && buckets.len() <= 2, "{buckets:?}");
+    let mut members = 0;
+    for b in &buckets {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(b)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            (600..=7 * 86_400 + 7 * 86_400 / 8 + 1).contains(&ttl),
+            "{b}: {ttl}"
+        );
+        let n: usize = redis::cmd("SCARD")
+            .arg(b)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        members += n;
+    }
+    assert_eq!(members, 2510, "one marker per distinct event");
+}
+
 /// Four writers hammer one entity at once (as replicas sharing a customer
 /// do): every lost compare-and-set is re-read and folded again, so each
 /// distinct event counts exactly once.

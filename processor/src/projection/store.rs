@@ -8,14 +8,15 @@
 //! | `P{NAME}:current` | current version (absent = 1); readers follow it |
 //! | `P{NAME}:building` | version a rebuild is filling (live applies dual-write) |
 //! | `P{NAME}:v<N>:e:<entity key>` | entity hash: fields (JSON text), `~c:<f>` clocks, `~r:<f>` ranks, `~updated`, `~rev` |
-//! | `P{NAME}:v<N>:seen:<event id>` | idempotency marker, TTL `dedup_window_secs` |
+//! | `P{NAME}:v<N>:seen:<bucket start>` | set of the event ids applied in that time bucket, expiring `dedup_window_secs` after the bucket ends |
+//! | `P{NAME}:v<N>:seen` | index of the live buckets (sorted set: bucket key → expiry) |
 //!
-//! [`Store::apply_batch`] reads every entity a batch touches and the
-//! batch's markers in one pipeline, folds the new events per entity in
-//! memory ([`super::fold`]) and writes each entity with `lua/commit.lua`, a
-//! compare-and-set on its `~rev` that sets the events' markers in the same
-//! atomic step; an entity someone else changed meanwhile is read and folded
-//! again.
+//! [`Store::apply_batch`] reads every entity a batch touches and which of the
+//! batch's events were applied (`lua/seen.lua`) in one pipeline, folds the
+//! new events per entity in memory ([`super::fold`]) and writes each entity
+//! with `lua/commit.lua`, a compare-and-set on its `~rev` that adds the
+//! events to the current bucket in the same atomic step; an entity someone
+//! else changed meanwhile is read and folded again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -29,10 +30,41 @@ use super::fold::{self, Fields};
 use super::spec::Update;
 
 const COMMIT_LUA: &str = include_str!("../../lua/commit.lua");
+const SEEN_LUA: &str = include_str!("../../lua/seen.lua");
+
+/// Event ids per `seen.lua` call (its `unpack` must stay under Lua's 8,000
+/// C stack slots).
+const SEEN_CHUNK: usize = 4_000;
+
+/// Marker buckets per dedup window: reads check about this many sets, and a
+/// marker lives between one window and one window plus one bucket.
+const BUCKETS_PER_WINDOW: u64 = 8;
+
+/// Unix seconds now.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The marker bucket for `now`: (bucket start, when the bucket expires).
+fn marker_bucket(now: u64, window_secs: u64) -> (u64, u64) {
+    let width = (window_secs / BUCKETS_PER_WINDOW).max(1);
+    let start = now - now % width;
+    (start, start + width + window_secs)
+}
 
 /// Arguments per script call (about 20 per event): a call blocks Redis
 /// while it runs, and a few thousand arguments take a few milliseconds.
 const CHUNK_ARGS: usize = 8_000;
+
+/// A batch is split by entity into this many shards applied concurrently,
+/// so the processor folds one shard while Redis works on another. Shards
+/// share no entity, so they never lose a compare-and-set to each other.
+const SHARDS: usize = 4;
+
+/// Batches smaller than this are applied as one shard.
+const MIN_SHARDED: usize = 256;
 
 /// Read-fold-write rounds before giving up (each lost race is one round).
 const MAX_ROUNDS: usize = 32;
@@ -42,6 +74,9 @@ fn lost_race_backoff(round: usize) -> Duration {
     let ceiling_ms = 1u64 << (round - 1).min(6);
     Duration::from_micros(rand::random::<u64>() % (ceiling_ms * 1000 + 1))
 }
+
+/// Updates with their event ids, as [`Store::apply_batch`] takes them.
+type Batch<'a> = Vec<(&'a Update, &'a str)>;
 
 /// What one read found in one version of a projection.
 struct VersionRead {
@@ -58,6 +93,7 @@ struct Group {
     version: u64,
     version_index: usize,
     expected_rev: u64,
+    /// Event ids newly applied (they become markers with the write).
     markers: Vec<String>,
     fields: Vec<String>,
     write: bool,
@@ -68,7 +104,7 @@ struct Group {
 
 impl Group {
     fn args_len(&self) -> usize {
-        4 + self.markers.len() + self.fields.len()
+        5 + self.markers.len() + self.fields.len()
     }
 }
 
@@ -123,13 +159,16 @@ pub struct Applied {
 pub struct Store {
     conn: ConnectionManager,
     prefix: String,
-    ttl_secs: u64,
+    window_secs: u64,
     script: Script,
+    seen_script: Script,
 }
 
 impl Store {
     /// Connects (fails when Redis is unreachable; callers retry).
-    pub async fn connect(url: &str, prefix: &str, ttl_secs: u64) -> Result<Self, RedisError> {
+    /// `window_secs` is how long an applied event id is remembered
+    /// (`dedup_window_secs`).
+    pub async fn connect(url: &str, prefix: &str, window_secs: u64) -> Result<Self, RedisError> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Duration::from_secs(2))
@@ -137,12 +176,12 @@ impl Store {
             .set_number_of_retries(2)
             .set_max_delay(1000);
         let conn = ConnectionManager::new_with_config(client, config).await?;
-        let script = Script::new(COMMIT_LUA);
         let store = Self {
             conn,
             prefix: prefix.to_owned(),
-            ttl_secs,
-            script,
+            window_secs,
+            script: Script::new(COMMIT_LUA),
+            seen_script: Script::new(SEEN_LUA),
         };
         store.load_script().await?;
         Ok(store)
@@ -151,6 +190,10 @@ impl Store {
     async fn load_script(&self) -> Result<(), RedisError> {
         let mut conn = self.conn.clone();
         self.script.prepare_invoke().load_async(&mut conn).await?;
+        self.seen_script
+            .prepare_invoke()
+            .load_async(&mut conn)
+            .await?;
         Ok(())
     }
 
@@ -174,6 +217,11 @@ impl Store {
         format!("{}:v{version}", self.base(projection))
     }
 
+    /// Index of a version's marker buckets.
+    fn seen_index(&self, projection: &str, version: u64) -> String {
+        format!("{}:seen", self.version_prefix(projection, version))
+    }
+
     /// PING.
     pub async fn ping(&self) -> Result<(), RedisError> {
         let mut conn = self.conn.clone();
@@ -190,6 +238,43 @@ impl Store {
 
     /// Applies `updates` (with their event ids) in one pipeline.
     pub async fn apply_batch(
+        &self,
+        updates: &[(&Update, &str)],
+        target: Target,
+    ) -> Result<Vec<Applied>, RedisError> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
+        }
+        if updates.len() < MIN_SHARDED {
+            return self.apply_shard(updates, target).await;
+        }
+        // Per shard: the updates' positions in the batch, and the updates.
+        let mut shards: Vec<(Vec<usize>, Batch)> = vec![Default::default(); SHARDS];
+        for (i, &(up, id)) in updates.iter().enumerate() {
+            let shard = &mut shards[shard_of(&up.projection, &up.key)];
+            shard.0.push(i);
+            shard.1.push((up, id));
+        }
+        let results = futures::future::try_join_all(
+            shards
+                .iter()
+                .map(|(_, shard)| self.apply_shard(shard, target)),
+        )
+        .await?;
+        let mut out = vec![None; updates.len()];
+        for ((positions, _), applied) in shards.iter().zip(results) {
+            for (&i, a) in positions.iter().zip(applied) {
+                out[i] = Some(a);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|a| a.expect("every update in one shard"))
+            .collect())
+    }
+
+    /// Applies updates that share no entity with any other shard.
+    async fn apply_shard(
         &self,
         updates: &[(&Update, &str)],
         target: Target,
@@ -239,8 +324,10 @@ impl Store {
                 tokio::time::sleep(lost_race_backoff(round)).await;
             }
             let versions = self.versions(&mut conn, &pending, target).await?;
+            let now = unix_now();
+            let (bucket, expiry) = marker_bucket(now, self.window_secs);
             let reads = self
-                .read_for_fold(&mut conn, updates, &pending, &versions)
+                .read_for_fold(&mut conn, updates, &pending, &versions, now)
                 .await?;
             let mut pipe = redis::pipe();
             let mut calls = Vec::new();
@@ -274,10 +361,17 @@ impl Store {
                     .arg(if target == Target::Live { "1" } else { "" })
                     .arg(version[0])
                     .arg(version.get(1).map(u64::to_string).unwrap_or_default())
-                    .arg(self.ttl_secs);
+                    .arg(now)
+                    .arg(expiry)
+                    .arg(version.len());
+                for &v in version {
+                    let index = self.seen_index(projection, v);
+                    cmd.arg(format!("{index}:{bucket}")).arg(index);
+                }
                 for g in groups.iter().filter(|g| g.write) {
-                    cmd.arg(&g.key).arg(g.expected_rev).arg(g.markers.len());
-                    cmd.arg(&g.markers).arg(g.fields.len() / 2).arg(&g.fields);
+                    cmd.arg(&g.key).arg(g.expected_rev).arg(g.version_index + 1);
+                    cmd.arg(g.markers.len()).arg(&g.markers);
+                    cmd.arg(g.fields.len() / 2).arg(&g.fields);
                 }
             }
             let replies: Vec<redis::Value> = if calls.is_empty() {
@@ -372,13 +466,14 @@ impl Store {
     }
 
     /// One round trip: every entity the updates touch (HGETALL) and which of
-    /// their events each version has already applied (MGET of the markers).
+    /// their events each version has already applied (`lua/seen.lua`).
     async fn read_for_fold(
         &self,
         conn: &mut ConnectionManager,
         updates: &[(&Update, &str)],
         pending: &[(&str, Vec<usize>)],
         versions: &[Vec<u64>],
+        now: u64,
     ) -> Result<Vec<Vec<VersionRead>>, RedisError> {
         let mut pipe = redis::pipe();
         let mut shape = Vec::new();
@@ -394,11 +489,15 @@ impl Store {
                 for e in &entities {
                     pipe.cmd("HGETALL").arg(format!("{base}:e:{e}"));
                 }
-                pipe.cmd("MGET").arg(
-                    ids.iter()
-                        .map(|id| format!("{base}:seen:{id}"))
-                        .collect::<Vec<_>>(),
-                );
+                let index = self.seen_index(projection, v);
+                for chunk in ids.chunks(SEEN_CHUNK) {
+                    pipe.cmd("EVALSHA")
+                        .arg(self.seen_script.get_hash())
+                        .arg(0)
+                        .arg(&index)
+                        .arg(now)
+                        .arg(chunk);
+                }
             }
             shape.push((entities, ids));
         }
@@ -415,14 +514,17 @@ impl Store {
                     let fields: Fields = redis::from_redis_value(&replies.next().expect("reply"))?;
                     found.insert(e.to_string(), fields);
                 }
-                let seen: Vec<Option<String>> =
-                    redis::from_redis_value(&replies.next().expect("reply"))?;
-                let seen = ids
-                    .iter()
-                    .zip(seen)
-                    .filter(|(_, s)| s.is_some())
-                    .map(|(id, _)| id.to_string())
-                    .collect();
+                let mut seen = HashSet::new();
+                for chunk in ids.chunks(SEEN_CHUNK) {
+                    let flags: Vec<u8> = redis::from_redis_value(&replies.next().expect("reply"))?;
+                    seen.extend(
+                        chunk
+                            .iter()
+                            .zip(flags)
+                            .filter(|(_, f)| *f == 1)
+                            .map(|(id, _)| id.to_string()),
+                    );
+                }
                 per_version.push(VersionRead {
                     entities: found,
                     seen,
@@ -477,7 +579,7 @@ impl Store {
                             &up.ops,
                             &clock(up.time_ms, event_id),
                         );
-                        markers.push(format!("{base}:seen:{event_id}"));
+                        markers.push(event_id.to_owned());
                     }
                     group_applied.push(new);
                 }
@@ -613,6 +715,18 @@ impl Store {
     }
 }
 
+/// The shard of an entity (stable within a process).
+fn shard_of(projection: &str, key: &str) -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut h = SEED.get_or_init(Default::default).build_hasher();
+    h.write(projection.as_bytes());
+    h.write_u8(0xff);
+    h.write(key.as_bytes());
+    (h.finish() % SHARDS as u64) as usize
+}
+
 /// `<15-digit ms>|<event id>`: compares like `(time, id)`.
 pub fn clock(time_ms: i64, event_id: &str) -> String {
     format!("{:015}|{event_id}", time_ms.max(0))
@@ -669,6 +783,22 @@ mod tests {
         }
         let spread: HashSet<_> = (0..50).map(|_| lost_race_backoff(7)).collect();
         assert!(spread.len() > 1, "jittered, not lockstep");
+    }
+
+    #[test]
+    fn a_marker_lives_one_window_and_at_most_one_bucket_more() {
+        let window = 30 * 86_400;
+        for now in [1_764_000_000, 1_764_000_001, 1_764_323_999, 1_764_324_000] {
+            let (start, expiry) = marker_bucket(now, window);
+            assert!(start <= now && now - start < window / BUCKETS_PER_WINDOW);
+            assert!(expiry >= now + window);
+            assert!(expiry <= now + window + window / BUCKETS_PER_WINDOW);
+        }
+        // Times in one bucket share it; the next bucket starts a width later.
+        assert_eq!(marker_bucket(1000, 80).0, marker_bucket(1009, 80).0);
+        assert_eq!(marker_bucket(1010, 80).0, 1010);
+        // A tiny window still gets one-second buckets.
+        assert_eq!(marker_bucket(1234, 3), (1234, 1238));
     }
 
     #[test]
