@@ -20,51 +20,77 @@ pub const REV: &str = "~rev";
 /// Applies one event's operations at `clock` (see `store::clock`) and notes
 /// every field it wrote in `changed`.
 pub fn apply(fields: &mut Fields, changed: &mut BTreeSet<String>, ops: &[Op], clock: &str) {
-    let mut put = |fields: &mut Fields, f: String, v: String| {
-        changed.insert(f.clone());
-        fields.insert(f, v);
-    };
+    // `~c:<f>` / `~r:<f>` names are built in one reused buffer, and a field
+    // that already exists is overwritten in place: this runs for every
+    // event of every batch, and allocations were most of its cost.
+    let (mut c, mut rk) = (String::new(), String::new());
     for op in ops {
         match op {
             Op::Set { f, v } => {
-                let c = format!("~c:{f}");
-                if fields.get(&c).is_none_or(|cur| clock > cur.as_str()) {
-                    put(fields, f.clone(), v.clone());
-                    put(fields, c, clock.to_owned());
+                meta_name(&mut c, "~c:", f);
+                if newer(fields, &c, clock) {
+                    put(fields, changed, f, v);
+                    put(fields, changed, &c, clock);
                 }
             }
             Op::Status { f, v, r } => {
-                let (c, rk) = (format!("~c:{f}"), format!("~r:{f}"));
+                meta_name(&mut c, "~c:", f);
+                meta_name(&mut rk, "~r:", f);
                 let rank = *r as i64;
                 let cur_rank = fields
                     .get(&rk)
                     .and_then(|s| s.parse::<i64>().ok())
                     .unwrap_or(-1);
-                let newer = fields.get(&c).is_none_or(|cur| clock > cur.as_str());
-                if rank > cur_rank || (rank == cur_rank && newer) {
-                    put(fields, f.clone(), v.clone());
-                    put(fields, rk, rank.to_string());
-                    put(fields, c, clock.to_owned());
+                if rank > cur_rank || (rank == cur_rank && newer(fields, &c, clock)) {
+                    put(fields, changed, f, v);
+                    put(fields, changed, &rk, &rank.to_string());
+                    put(fields, changed, &c, clock);
                 }
             }
             Op::Sum { f, v } => {
                 let total = number(fields.get(f)) + v.parse::<f64>().unwrap_or(0.0);
-                put(fields, f.clone(), format_number(total));
+                put(fields, changed, f, &format_number(total));
             }
             Op::Count { f } => {
                 let n = fields
                     .get(f)
                     .and_then(|s| s.parse::<i64>().ok())
                     .unwrap_or(0);
-                put(fields, f.clone(), (n + 1).to_string());
+                put(fields, changed, f, &(n + 1).to_string());
             }
         }
     }
-    if fields
-        .get("~updated")
-        .is_none_or(|cur| clock > cur.as_str())
-    {
-        put(fields, "~updated".into(), clock.to_owned());
+    if newer(fields, "~updated", clock) {
+        put(fields, changed, "~updated", clock);
+    }
+}
+
+/// Sets `buf` to `<prefix><field>`.
+fn meta_name(buf: &mut String, prefix: &str, field: &str) {
+    buf.clear();
+    buf.push_str(prefix);
+    buf.push_str(field);
+}
+
+/// True when `clock` is later than the clock stored in `field` (or none is).
+fn newer(fields: &Fields, field: &str, clock: &str) -> bool {
+    fields.get(field).is_none_or(|cur| clock > cur.as_str())
+}
+
+/// Writes `field = value` and notes the field as changed, reusing the
+/// existing allocations when the field is already there.
+fn put(fields: &mut Fields, changed: &mut BTreeSet<String>, field: &str, value: &str) {
+    match fields.get_mut(field) {
+        Some(slot) => {
+            slot.clear();
+            slot.push_str(value);
+        }
+        None => {
+            fields.insert(field.to_owned(), value.to_owned());
+        }
+    }
+    if !changed.contains(field) {
+        changed.insert(field.to_owned());
     }
 }
 

@@ -79,22 +79,22 @@ fn lost_race_backoff(round: usize) -> Duration {
 type Batch<'a> = Vec<(&'a Update, &'a str)>;
 
 /// What one read found in one version of a projection.
-struct VersionRead {
+struct VersionRead<'a> {
     /// Entity key → stored hash.
-    entities: HashMap<String, Fields>,
+    entities: HashMap<&'a str, Fields>,
     /// Event ids already applied in this version.
-    seen: HashSet<String>,
+    seen: HashSet<&'a str>,
 }
 
 /// One entity of one version after the fold: what to write, and whether the
 /// write needs doing (it has new events).
-struct Group {
+struct Group<'a> {
     key: String,
     version: u64,
     version_index: usize,
     expected_rev: u64,
     /// Event ids newly applied (they become markers with the write).
-    markers: Vec<String>,
+    markers: Vec<&'a str>,
     fields: Vec<String>,
     write: bool,
     updates: Vec<usize>,
@@ -102,15 +102,15 @@ struct Group {
     state: Fields,
 }
 
-impl Group {
+impl Group<'_> {
     fn args_len(&self) -> usize {
         5 + self.markers.len() + self.fields.len()
     }
 }
 
 /// True the first time an event id is met in this version.
-fn applied_here(seen: &mut HashSet<String>, event_id: &str) -> bool {
-    seen.insert(event_id.to_owned())
+fn applied_here<'a>(seen: &mut HashSet<&'a str>, event_id: &'a str) -> bool {
+    seen.insert(event_id)
 }
 
 /// Which versions an apply writes to.
@@ -405,13 +405,9 @@ impl Store {
                         });
                         if let Some(i) = wanted.filter(|_| !g.state.is_empty()) {
                             let up = updates[i].0;
-                            let flat = g
-                                .state
-                                .iter()
-                                .flat_map(|(k, v)| [k.clone(), v.clone()])
-                                .collect();
+                            let pairs = g.state.iter().map(|(k, v)| (k.as_str(), v.as_str()));
                             states[i] =
-                                Some(entity_state(&up.projection, &up.key, g.version, flat));
+                                Some(entity_state(&up.projection, &up.key, g.version, pairs));
                         }
                     }
                 }
@@ -467,14 +463,14 @@ impl Store {
 
     /// One round trip: every entity the updates touch (HGETALL) and which of
     /// their events each version has already applied (`lua/seen.lua`).
-    async fn read_for_fold(
+    async fn read_for_fold<'a>(
         &self,
         conn: &mut ConnectionManager,
-        updates: &[(&Update, &str)],
+        updates: &[(&'a Update, &'a str)],
         pending: &[(&str, Vec<usize>)],
         versions: &[Vec<u64>],
         now: u64,
-    ) -> Result<Vec<Vec<VersionRead>>, RedisError> {
+    ) -> Result<Vec<Vec<VersionRead<'a>>>, RedisError> {
         let mut pipe = redis::pipe();
         let mut shape = Vec::new();
         for ((projection, idx), versions) in pending.iter().zip(versions) {
@@ -512,7 +508,7 @@ impl Store {
                 let mut found = HashMap::new();
                 for e in &entities {
                     let fields: Fields = redis::from_redis_value(&replies.next().expect("reply"))?;
-                    found.insert(e.to_string(), fields);
+                    found.insert(*e, fields);
                 }
                 let mut seen = HashSet::new();
                 for chunk in ids.chunks(SEEN_CHUNK) {
@@ -522,7 +518,7 @@ impl Store {
                             .iter()
                             .zip(flags)
                             .filter(|(_, f)| *f == 1)
-                            .map(|(id, _)| id.to_string()),
+                            .map(|(id, _)| *id),
                     );
                 }
                 per_version.push(VersionRead {
@@ -536,13 +532,13 @@ impl Store {
     }
 
     /// Folds one projection's updates into its entities, per version.
-    fn fold(
+    fn fold<'a>(
         &self,
-        updates: &[(&Update, &str)],
+        updates: &[(&'a Update, &'a str)],
         idx: &[usize],
         versions: &[u64],
-        reads: Vec<VersionRead>,
-    ) -> Vec<Group> {
+        reads: Vec<VersionRead<'a>>,
+    ) -> Vec<Group<'a>> {
         let mut groups = Vec::new();
         for (version_index, (read, &version)) in reads.into_iter().zip(versions).enumerate() {
             let base = self.version_prefix(&updates[idx[0]].0.projection, version);
@@ -579,7 +575,7 @@ impl Store {
                             &up.ops,
                             &clock(up.time_ms, event_id),
                         );
-                        markers.push(event_id.to_owned());
+                        markers.push(event_id);
                     }
                     group_applied.push(new);
                 }
@@ -644,7 +640,7 @@ impl Store {
             ))
             .query_async(&mut conn)
             .await?;
-        Ok((!flat.is_empty()).then(|| entity_state(projection, key, version, flat)))
+        Ok((!flat.is_empty()).then(|| entity_state(projection, key, version, pairs(&flat))))
     }
 }
 
@@ -709,7 +705,7 @@ impl Store {
             .iter()
             .zip(flats)
             .map(|((p, k), flat)| {
-                (!flat.is_empty()).then(|| entity_state(p, k, version_of(p), flat))
+                (!flat.is_empty()).then(|| entity_state(p, k, version_of(p), pairs(&flat)))
             })
             .collect())
     }
@@ -732,23 +728,32 @@ pub fn clock(time_ms: i64, event_id: &str) -> String {
     format!("{:015}|{event_id}", time_ms.max(0))
 }
 
-/// Builds an [`EntityState`] from a flat `HGETALL` reply.
-pub fn entity_state(projection: &str, key: &str, version: u64, flat: Vec<String>) -> EntityState {
+/// The (field, value) pairs of a flat `HGETALL` reply.
+fn pairs(flat: &[String]) -> impl Iterator<Item = (&str, &str)> {
+    flat.chunks_exact(2).map(|p| (p[0].as_str(), p[1].as_str()))
+}
+
+/// Builds an [`EntityState`] from an entity hash's (field, value) pairs.
+pub fn entity_state<'a>(
+    projection: &str,
+    key: &str,
+    version: u64,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> EntityState {
     let mut state = BTreeMap::new();
     let mut updated = None;
     let mut rev = 0;
-    let mut it = flat.into_iter();
-    while let (Some(f), Some(v)) = (it.next(), it.next()) {
+    for (f, v) in pairs {
         if f == "~updated" {
             updated = Some(v);
         } else if f == fold::REV {
             rev = v.parse().unwrap_or(0);
         } else if !f.starts_with('~') {
-            let value = serde_json::from_str(&v).unwrap_or(Value::String(v));
-            state.insert(f, value);
+            let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
+            state.insert(f.to_owned(), value);
         }
     }
-    let (updated_at, last_event_id) = match updated.as_deref().and_then(|u| u.split_once('|')) {
+    let (updated_at, last_event_id) = match updated.and_then(|u| u.split_once('|')) {
         Some((ms, id)) => {
             let at = ms
                 .parse::<i64>()
@@ -820,12 +825,8 @@ mod tests {
             "~updated",
             "001740830400000|e1",
         ];
-        let s = entity_state(
-            "orders",
-            "ORD-1",
-            3,
-            flat.iter().map(|s| s.to_string()).collect(),
-        );
+        let flat: Vec<String> = flat.iter().map(|s| s.to_string()).collect();
+        let s = entity_state("orders", "ORD-1", 3, pairs(&flat));
         assert_eq!(s.state.len(), 2);
         assert_eq!(s.state["carrier"], Value::String("FedEx".into()));
         assert_eq!(s.state["total"].to_string(), "12.5");
