@@ -1,8 +1,10 @@
 //! Turns a batch of raw records into projection updates and dead letters.
 //! Pure: shared by the live consumer and the rebuild.
 
+use std::cell::OnceCell;
+
 use hooklog_schemas::WebhookEvent;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Headers, Message};
 use serde_json::Value;
 
 use crate::projection::spec::{ProjectionSpec, Update};
@@ -24,8 +26,10 @@ pub struct Record {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-impl From<OwnedMessage> for Record {
-    fn from(m: OwnedMessage) -> Self {
+impl Record {
+    /// Copies a consumed message (once: `detach()` and then converting the
+    /// owned message would copy every payload twice).
+    pub fn copy_of<M: Message>(m: &M) -> Self {
         let headers = m
             .headers()
             .map(|h| {
@@ -43,9 +47,7 @@ impl From<OwnedMessage> for Record {
             headers,
         }
     }
-}
 
-impl Record {
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
@@ -85,13 +87,16 @@ pub fn plan<'a>(
                 continue;
             }
         };
-        let doc: Option<Value> = serde_json::from_slice(&event.body).ok();
+        // The body is parsed only when a rule matches: most records of a
+        // rebuild's replay (every raw topic, one projection) match none.
+        let doc: OnceCell<Option<Value>> = OnceCell::new();
         let mut matched = false;
         let mut failure = None;
         let mut updates = Vec::new();
         for spec in projections.clone() {
             for rule in spec.matching(&event) {
                 matched = true;
+                let doc = doc.get_or_init(|| serde_json::from_slice(&event.body).ok());
                 match spec.map(rule, &event, doc.as_ref()) {
                     Ok(u) => updates.push(u),
                     Err(e) => failure = Some(format!("projection {}: {e}", spec.name)),

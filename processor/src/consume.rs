@@ -299,18 +299,18 @@ pub async fn next_batch(
             m = consumer.recv() => m,
         };
         match m {
-            Ok(m) => break m.detach(),
+            Ok(m) => break Record::copy_of(&m),
             Err(e) => {
                 warn!(error = %e, "Consumer error.");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     };
-    let mut batch: Vec<Record> = vec![first.into()];
+    let mut batch: Vec<Record> = vec![first];
     let deadline = tokio::time::Instant::now() + wait;
     while batch.len() < size {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(m.detach().into()),
+            Ok(Ok(m)) => batch.push(Record::copy_of(&m)),
             Ok(Err(e)) => warn!(error = %e, "Consumer error."),
             Err(_) => break,
         }

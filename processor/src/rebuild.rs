@@ -369,10 +369,10 @@ async fn replay(
                     targets.len()
                 )
             })??;
-        batch.push(first.detach().into());
+        batch.push(Record::copy_of(&first));
         while batch.len() < batch_size {
             match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m.detach().into()),
+                Ok(Ok(m)) => batch.push(Record::copy_of(&m)),
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => break,
             }
