@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `P{NAME}:current` | current version (absent = 1); readers follow it |
 //! | `P{NAME}:building` | version a rebuild is filling (live applies dual-write) |
-//! | `P{NAME}:v<N>:e:<entity key>` | entity hash: fields (JSON text), `~c:<f>` clocks, `~r:<f>` ranks, `~updated`, `~rev` |
+//! | `P{NAME}:v<N>:e:<entity key>` | entity hash: fields (JSON text), `~c:<f>` clocks (only where not `~updated`; see [`super::fold`]), `~r:<f>` ranks, `~updated`, `~rev` |
 //! | `P{NAME}:v<N>:seen:<bucket start>` | set of the event ids applied in that time bucket, expiring `dedup_window_secs` after the bucket ends |
 //! | `P{NAME}:v<N>:seen` | index of the live buckets (sorted set: bucket key → expiry) |
 //!
