@@ -137,7 +137,7 @@ async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
 /// `/readyz` of both HTTP servers: 200 when Redis answers and the consumer
 /// runs unpaused, else 503; the body says which.
 pub fn readiness(health: &Health, redis_ok: bool) -> Response {
-    let paused = health.paused.load(Ordering::Relaxed);
+    let paused = health.is_paused();
     let running = health.running.load(Ordering::Relaxed);
     let body = json!({"redis": redis_ok, "consumer_running": running, "paused": paused});
     if redis_ok && running && !paused {

@@ -4,8 +4,8 @@
 //! batch (the apply is idempotent); nothing is skipped.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -13,7 +13,7 @@ use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::batch::{plan, Record};
+use crate::batch::{plan, Plan, Record};
 use crate::changelog::Publisher;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -21,13 +21,39 @@ use crate::projection::spec::ProjectionSpec;
 use crate::projection::store::{EntityState, Store, Target};
 use crate::spans::{BatchSpans, Phase};
 
+/// A stage of a consume loop that can pause on an outage.
+#[derive(Clone, Copy, Debug)]
+pub enum Stage {
+    /// Applying batches to Redis (and the delivery fan-out's enqueue).
+    Apply = 1,
+    /// Publishing changelog records and dead letters.
+    Publish = 2,
+}
+
 /// Shared health flags for `/readyz`.
 #[derive(Default)]
 pub struct Health {
-    /// True while a dependency is down and the loop is retrying.
-    pub paused: AtomicBool,
+    /// One bit per [`Stage`] retrying through an outage.
+    paused: AtomicU8,
     /// True once the consumer is running.
     pub running: AtomicBool,
+}
+
+impl Health {
+    /// Marks `stage` as retrying.
+    pub fn pause(&self, stage: Stage) {
+        self.paused.fetch_or(stage as u8, Ordering::Relaxed);
+    }
+
+    /// Marks `stage` as running again; true if it was paused.
+    pub fn resume(&self, stage: Stage) -> bool {
+        self.paused.fetch_and(!(stage as u8), Ordering::Relaxed) & stage as u8 != 0
+    }
+
+    /// True while any stage is retrying.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed) != 0
+    }
 }
 
 /// Creates the live group consumer.
@@ -90,68 +116,178 @@ fn crash_before_changelog() -> bool {
     std::env::var("HOOKLOG_FAULT").is_ok_and(|v| v == "crash_before_changelog")
 }
 
+/// A batch applied to Redis, on its way to the publish stage.
+struct AppliedBatch {
+    batch: Vec<Record>,
+    plan: Plan,
+    /// Every entity the batch updates, as registered in [`Unpublished`].
+    entities: Vec<EntityId>,
+    /// The state of each entity the batch changed (its last update's), with
+    /// the `traceparent` for its changelog record.
+    states: Vec<(EntityState, Option<Vec<u8>>)>,
+    /// The records' `hooklog.changelog` spans: they end with the publish.
+    changelog_spans: Vec<tracing::Span>,
+    started: Instant,
+}
+
+/// An entity: (projection, key).
+type EntityId = (String, String);
+
+/// For each entity, how many batches of this process have planned an
+/// update to it and not yet published its state.
+#[derive(Default)]
+struct Unpublished(Mutex<HashMap<EntityId, usize>>);
+
+impl Unpublished {
+    /// Registers a batch's entities (before it is applied).
+    fn add(&self, entities: &[EntityId]) {
+        let mut map = self.0.lock().expect("lock");
+        for id in entities {
+            *map.entry(id.clone()).or_default() += 1;
+        }
+    }
+
+    /// Unregisters a batch's entities (once it is published).
+    fn remove(&self, entities: &[EntityId]) {
+        let mut map = self.0.lock().expect("lock");
+        for id in entities {
+            if let Some(n) = map.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(id);
+                }
+            }
+        }
+    }
+
+    /// True when a later batch of this process will publish the entity.
+    fn later_batch_has(&self, s: &EntityState) -> bool {
+        let map = self.0.lock().expect("lock");
+        map.get(&(s.projection.clone(), s.key.clone()))
+            .is_some_and(|&n| n > 1)
+    }
+}
+
 impl Pipeline {
-    /// Runs until `shutdown`: finishes the batch in flight, commits, returns.
+    /// Runs until `shutdown`: finishes the batches in flight, commits,
+    /// returns.
+    ///
+    /// Two stages overlap: while batch N's changelog records wait for their
+    /// acks, batch N+1 is fetched, planned and applied. Batches reach the
+    /// publish stage in order, and it stores each batch's offsets only once
+    /// its changelog and dead letters are acknowledged, so a crash anywhere
+    /// leaves the unpublished batches uncommitted (their redelivery applies
+    /// nothing twice and re-emits the current states).
     pub async fn run(
-        &self,
+        self: Arc<Self>,
         consumer: Arc<StreamConsumer>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         self.health.running.store(true, Ordering::Relaxed);
         info!(projections = self.projections.len(), "Processor consuming.");
+        let unpublished = Arc::new(Unpublished::default());
+        let (applied_tx, mut applied_rx) = tokio::sync::mpsc::channel::<AppliedBatch>(1);
+        let publish_stage = {
+            let (this, consumer, shutdown, unpublished) = (
+                self.clone(),
+                consumer.clone(),
+                shutdown.clone(),
+                unpublished.clone(),
+            );
+            tokio::spawn(async move {
+                while let Some(applied) = applied_rx.recv().await {
+                    if !this.publish(&applied, &unpublished, &shutdown).await {
+                        break; // shutdown while retrying: leave offsets unstored
+                    }
+                    store_offsets(&consumer, &applied.batch);
+                    drop(applied.changelog_spans); // the changelog phase ends
+                }
+            })
+        };
         while let Some(batch) =
             next_batch(&consumer, self.batch_size, self.batch_wait, &shutdown).await
         {
             self.metrics.consumed(batch.len() as u64);
-            if !self.process(&batch, &shutdown).await {
-                break; // shutdown while retrying: leave offsets unstored
+            let Some(applied) = self.apply(batch, &unpublished, &shutdown).await else {
+                break; // shutdown while retrying
+            };
+            if applied_tx.send(applied).await.is_err() {
+                break; // the publish stage stopped on shutdown
             }
-            store_offsets(&consumer, &batch);
+        }
+        drop(applied_tx);
+        if let Err(e) = publish_stage.await {
+            warn!(error = %e, "Publish stage failed.");
         }
         info!("Processor stopping: committing offsets.");
         commit_and_leave(consumer).await;
         Ok(())
     }
 
-    /// Processes one batch until it succeeds; false if shutdown came first.
-    async fn process(&self, batch: &[Record], shutdown: &CancellationToken) -> bool {
-        let started = Instant::now();
-        let plan = plan(self.projections.iter(), batch);
-        for _ in 0..plan.unmatched {
-            self.metrics.unmatched();
-        }
-        let spans = BatchSpans::live(batch);
+    /// Runs `attempt` until it succeeds, pausing `stage` with a growing
+    /// backoff in between; None if shutdown came first.
+    async fn until_ok<T, F, Fut>(
+        &self,
+        stage: Stage,
+        shutdown: &CancellationToken,
+        mut attempt: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, (&'static str, String)>>,
+    {
         let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.try_process(batch, &plan, &spans).await {
-                Ok(()) => break,
+        let value = loop {
+            match attempt().await {
+                Ok(v) => break v,
                 Err((dependency, e)) => {
                     self.metrics.retry(dependency);
+                    self.health.pause(stage);
                     self.metrics.set_paused(true);
-                    self.health.paused.store(true, Ordering::Relaxed);
                     warn!(dependency, error = %e, backoff_ms = backoff.as_millis() as u64, "Transient failure; retrying batch.");
                     tokio::select! {
-                        _ = shutdown.cancelled() => return false,
+                        _ = shutdown.cancelled() => return None,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        };
+        if self.health.resume(stage) {
+            self.metrics.set_paused(self.health.is_paused());
+            if !self.health.is_paused() {
+                info!("Dependencies back; resumed.");
+            }
         }
-        if self.health.paused.swap(false, Ordering::Relaxed) {
-            info!("Dependencies back; resumed.");
-            self.metrics.set_paused(false);
-        }
-        self.metrics.batch(started.elapsed().as_secs_f64());
-        true
+        Some(value)
     }
 
-    async fn try_process(
+    /// Plans a batch and applies it to Redis, retrying until it succeeds;
+    /// None if shutdown came first.
+    async fn apply(
         &self,
-        batch: &[Record],
-        plan: &crate::batch::Plan,
-        spans: &BatchSpans,
-    ) -> Result<(), (&'static str, String)> {
+        batch: Vec<Record>,
+        unpublished: &Unpublished,
+        shutdown: &CancellationToken,
+    ) -> Option<AppliedBatch> {
+        let started = Instant::now();
+        let plan = plan(self.projections.iter(), &batch);
+        for _ in 0..plan.unmatched {
+            self.metrics.unmatched();
+        }
+        // Registered before the apply: an earlier batch's changelog check
+        // then leaves these entities to this batch as soon as it may write
+        // them (this batch publishes every entity it updates, duplicates
+        // too, after the earlier batch).
+        let mut entities: Vec<EntityId> = plan
+            .updates
+            .iter()
+            .map(|(u, _, _)| (u.projection.clone(), u.key.clone()))
+            .collect();
+        entities.sort_unstable();
+        entities.dedup();
+        unpublished.add(&entities);
+        let spans = BatchSpans::live(&batch);
         let refs: Vec<_> = plan
             .updates
             .iter()
@@ -159,22 +295,26 @@ impl Pipeline {
             .collect();
         let apply_spans = spans.phase(Phase::Apply);
         let results = self
-            .store
-            .apply_batch(&refs, Target::Live)
-            .await
-            .map_err(|e| ("redis", e.to_string()))?;
+            .until_ok(Stage::Apply, shutdown, || async {
+                self.store
+                    .apply_batch(&refs, Target::Live)
+                    .await
+                    .map_err(|e| ("redis", e.to_string()))
+            })
+            .await;
+        let Some(results) = results else {
+            unpublished.remove(&entities);
+            return None;
+        };
         drop(apply_spans);
-        let changelog_spans = spans.phase(Phase::Changelog);
-        if !results.is_empty() && crash_before_changelog() {
-            warn!("Fault hook: exiting between apply and changelog.");
-            std::process::exit(86);
-        }
+        drop(refs);
         // One changelog record per entity per batch: its state after the
         // batch (apply results come back in order, so the last one wins).
         // Compaction keeps only the latest per key anyway, and this divides
         // the changelog writes by the events per entity per batch.
+        let changelog_spans = spans.phase(Phase::Changelog);
         let mut states = Vec::with_capacity(results.len());
-        let mut slot: HashMap<(String, String), usize> = HashMap::new();
+        let mut slot: HashMap<(&str, &str), usize> = HashMap::new();
         for (res, (up, _, idx)) in results.into_iter().zip(&plan.updates) {
             self.metrics.applied(&up.projection, res.applied);
             let Some(state) = res.state else {
@@ -182,106 +322,158 @@ impl Pipeline {
             };
             // Duplicates re-emit the current state too: if a previous run
             // died between apply and changelog, this is the delivery.
-            let traceparent = spans.traceparent(&changelog_spans, batch, *idx);
-            let key = (state.projection.clone(), state.key.clone());
-            match slot.get(&key) {
+            let traceparent = spans.traceparent(&changelog_spans, &batch, *idx);
+            match slot.get(&(up.projection.as_str(), up.key.as_str())) {
                 Some(&i) => states[i] = (state, traceparent),
                 None => {
-                    slot.insert(key, states.len());
+                    slot.insert((&up.projection, &up.key), states.len());
                     states.push((state, traceparent));
                 }
             }
         }
-        self.publish_states(states).await?;
-        drop(changelog_spans);
-        if !plan.poison.is_empty() {
-            let dead: Vec<_> = plan
-                .poison
-                .iter()
-                .map(|(i, _, detail)| (&batch[*i], detail.as_str()))
-                .collect();
-            self.publisher
-                .dead_letters(&dead)
-                .await
-                .map_err(|e| ("kafka", e.to_string()))?;
-            for (i, reason, detail) in &plan.poison {
-                let r = &batch[*i];
-                let event_id = r.key.as_deref().map(String::from_utf8_lossy);
-                let trace_id = r
-                    .header(hooklog_schemas::headers::TRACEPARENT)
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(hooklog_schemas::trace::TraceParent::parse)
-                    .map(|t| t.trace_id);
-                warn!(topic = %r.topic, partition = r.partition, offset = r.offset, event_id = event_id.as_deref().unwrap_or(""), trace_id = trace_id.as_deref().unwrap_or(""), reason, detail, "Record dead-lettered.");
-            }
+        drop(slot);
+        Some(AppliedBatch {
+            entities,
+            batch,
+            plan,
+            states,
+            changelog_spans,
+            started,
+        })
+    }
+
+    /// Publishes an applied batch's changelog records and dead letters,
+    /// retrying until they are acknowledged; false if shutdown came first.
+    async fn publish(
+        &self,
+        applied: &AppliedBatch,
+        unpublished: &Unpublished,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        if !applied.states.is_empty() && crash_before_changelog() {
+            warn!("Fault hook: exiting between apply and changelog.");
+            std::process::exit(86);
+        }
+        let published = self
+            .until_ok(Stage::Publish, shutdown, || async {
+                self.publish_states(&applied.states, unpublished).await?;
+                self.dead_letters(applied).await
+            })
+            .await;
+        unpublished.remove(&applied.entities);
+        if published.is_none() {
+            return false;
         }
         // Count DLQ metrics once, after success.
-        for (_, reason, _) in &plan.poison {
+        for (_, reason, _) in &applied.plan.poison {
             self.metrics.dead_lettered(reason);
+        }
+        self.metrics.batch(applied.started.elapsed().as_secs_f64());
+        true
+    }
+
+    async fn dead_letters(&self, applied: &AppliedBatch) -> Result<(), (&'static str, String)> {
+        let (batch, poison) = (&applied.batch, &applied.plan.poison);
+        if poison.is_empty() {
+            return Ok(());
+        }
+        let dead: Vec<_> = poison
+            .iter()
+            .map(|(i, _, detail)| (&batch[*i], detail.as_str()))
+            .collect();
+        self.publisher
+            .dead_letters(&dead)
+            .await
+            .map_err(|e| ("kafka", e.to_string()))?;
+        for (i, reason, detail) in poison {
+            let r = &batch[*i];
+            let event_id = r.key.as_deref().map(String::from_utf8_lossy);
+            let trace_id = r
+                .header(hooklog_schemas::headers::TRACEPARENT)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(hooklog_schemas::trace::TraceParent::parse)
+                .map(|t| t.trace_id);
+            warn!(topic = %r.topic, partition = r.partition, offset = r.offset, event_id = event_id.as_deref().unwrap_or(""), trace_id = trace_id.as_deref().unwrap_or(""), reason, detail, "Record dead-lettered.");
         }
         Ok(())
     }
-}
 
-impl Pipeline {
     /// Publishes states, then makes sure the last changelog record of each
     /// entity is its current state. Processors that share an entity (its
     /// events are spread over partitions by event id) can publish out of
     /// order: A applies S1, B applies S2 and publishes S2, then A publishes
     /// S1. So after the acks each publisher re-reads its entities and
     /// publishes again whatever changed meanwhile; the last publisher to
-    /// check always sees the final state. A crash before the check leaves
-    /// the batch uncommitted, and its redelivery re-emits the current state.
+    /// check always sees the final state. An entity a later batch of this
+    /// process already changed is left to that batch, which publishes and
+    /// checks after this one. A crash before the check leaves the batch
+    /// uncommitted, and its redelivery re-emits the current state.
     async fn publish_states(
         &self,
-        mut states: Vec<(EntityState, Option<Vec<u8>>)>,
+        states: &[(EntityState, Option<Vec<u8>>)],
+        unpublished: &Unpublished,
     ) -> Result<(), (&'static str, String)> {
-        for _ in 0..10 {
-            if states.is_empty() {
-                return Ok(());
+        let mut changed = self.publish_and_check(states, unpublished).await?;
+        for _ in 1..10 {
+            if changed.is_empty() {
+                break;
             }
-            self.publisher
-                .states(&states)
-                .await
-                .map_err(|e| ("kafka", e.to_string()))?;
-            // Cheap check first (version and `~rev`), full reads only for
-            // the entities that changed since.
-            let keys: Vec<(&str, &str)> = states
-                .iter()
-                .map(|(s, _)| (s.projection.as_str(), s.key.as_str()))
-                .collect();
-            let revs = self
-                .store
-                .revisions(&keys)
-                .await
-                .map_err(|e| ("redis", e.to_string()))?;
-            let moved: Vec<_> = states
-                .into_iter()
-                .zip(revs)
-                .filter(|((s, _), now)| (s.version, s.rev) != *now)
-                .map(|(state, _)| state)
-                .collect();
-            if moved.is_empty() {
-                return Ok(());
-            }
-            let keys: Vec<(&str, &str)> = moved
-                .iter()
-                .map(|(s, _)| (s.projection.as_str(), s.key.as_str()))
-                .collect();
-            let now = self
-                .store
-                .read_many(&keys)
-                .await
-                .map_err(|e| ("redis", e.to_string()))?;
-            states = moved
-                .into_iter()
-                .zip(now)
-                .filter_map(|((published, tp), current)| {
-                    current.filter(|c| *c != published).map(|c| (c, tp))
-                })
-                .collect();
+            changed = self.publish_and_check(&changed, unpublished).await?;
         }
         Ok(())
+    }
+
+    /// Publishes `states`; returns the current states of the entities that
+    /// changed since and that no later batch of this process will publish.
+    async fn publish_and_check(
+        &self,
+        states: &[(EntityState, Option<Vec<u8>>)],
+        unpublished: &Unpublished,
+    ) -> Result<Vec<(EntityState, Option<Vec<u8>>)>, (&'static str, String)> {
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.publisher
+            .states(states)
+            .await
+            .map_err(|e| ("kafka", e.to_string()))?;
+        // Cheap check first (version and `~rev`), full reads only for the
+        // entities that changed since.
+        let keys: Vec<(&str, &str)> = states
+            .iter()
+            .map(|(s, _)| (s.projection.as_str(), s.key.as_str()))
+            .collect();
+        let revs = self
+            .store
+            .revisions(&keys)
+            .await
+            .map_err(|e| ("redis", e.to_string()))?;
+        let moved: Vec<_> = states
+            .iter()
+            .zip(revs)
+            .filter(|((s, _), now)| (s.version, s.rev) != *now)
+            .map(|(state, _)| state)
+            .filter(|(s, _)| !unpublished.later_batch_has(s))
+            .collect();
+        if moved.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<(&str, &str)> = moved
+            .iter()
+            .map(|(s, _)| (s.projection.as_str(), s.key.as_str()))
+            .collect();
+        let now = self
+            .store
+            .read_many(&keys)
+            .await
+            .map_err(|e| ("redis", e.to_string()))?;
+        Ok(moved
+            .into_iter()
+            .zip(now)
+            .filter_map(|((published, tp), current)| {
+                current.filter(|c| c != published).map(|c| (c, tp.clone()))
+            })
+            .collect())
     }
 }
 
@@ -367,5 +559,62 @@ pub fn report_lag(consumer: &StreamConsumer, metrics: &Metrics) {
             let pos = el.offset().to_raw().unwrap_or(0).max(0);
             metrics.lag(el.topic(), el.partition(), (high - pos).max(0));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(p: &str, k: &str) -> EntityId {
+        (p.into(), k.into())
+    }
+
+    fn state(p: &str, k: &str) -> EntityState {
+        EntityState {
+            projection: p.into(),
+            key: k.into(),
+            version: 1,
+            state: Default::default(),
+            updated_at: None,
+            last_event_id: None,
+            rev: 1,
+        }
+    }
+
+    #[test]
+    fn an_entity_is_left_to_a_later_batch_only_while_one_holds_it() {
+        let u = Unpublished::default();
+        let first = vec![id("orders", "A"), id("orders", "B")];
+        let second = vec![id("orders", "B"), id("customers", "A")];
+        u.add(&first);
+        // Only the batch itself holds them: it must re-check them itself.
+        assert!(!u.later_batch_has(&state("orders", "A")));
+        assert!(!u.later_batch_has(&state("orders", "B")));
+        u.add(&second);
+        assert!(u.later_batch_has(&state("orders", "B")));
+        assert!(!u.later_batch_has(&state("orders", "A")));
+        assert!(
+            !u.later_batch_has(&state("customers", "B")),
+            "by projection and key"
+        );
+        u.remove(&first);
+        // The second batch is now the last holder of B.
+        assert!(!u.later_batch_has(&state("orders", "B")));
+        u.remove(&second);
+        assert!(u.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn health_is_paused_while_any_stage_retries() {
+        let h = Health::default();
+        assert!(!h.is_paused());
+        h.pause(Stage::Apply);
+        h.pause(Stage::Publish);
+        assert!(h.resume(Stage::Apply));
+        assert!(h.is_paused(), "publish still retrying");
+        assert!(!h.resume(Stage::Apply), "was not paused any more");
+        assert!(h.resume(Stage::Publish));
+        assert!(!h.is_paused());
     }
 }

@@ -158,7 +158,7 @@ pub async fn run(
         batch_size: config.processor.batch_size,
         batch_wait: Duration::from_millis(config.processor.batch_wait_ms),
     };
-    pipeline.run(consumer, shutdown.clone()).await?;
+    Arc::new(pipeline).run(consumer, shutdown.clone()).await?;
     lag_task.abort();
     let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;

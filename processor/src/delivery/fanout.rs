@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::metrics::DeliveryMetrics;
 use super::queue::{NewJob, Queue};
 use super::subscription::{Subscription, SubscriptionCache, SubscriptionStore};
-use crate::consume::{self, Health};
+use crate::consume::{self, Health, Stage};
 
 /// The fan-out loop's parts.
 pub struct Fanout {
@@ -98,7 +98,7 @@ impl Fanout {
                         break;
                     }
                     Err(e) => {
-                        self.health.paused.store(true, Ordering::Relaxed);
+                        self.health.pause(Stage::Apply);
                         self.metrics.set_paused(true);
                         warn!(error = %e, "Redis unavailable; fan-out paused, retrying.");
                         tokio::select! {
@@ -112,7 +112,7 @@ impl Fanout {
                     }
                 }
             }
-            if self.health.paused.swap(false, Ordering::Relaxed) {
+            if self.health.resume(Stage::Apply) {
                 self.metrics.set_paused(false);
                 info!("Redis back; fan-out resumed.");
             }
