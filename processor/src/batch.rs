@@ -7,6 +7,7 @@ use hooklog_schemas::WebhookEvent;
 use rdkafka::message::{Headers, Message};
 use serde_json::Value;
 
+use crate::projection::pointer::Paths;
 use crate::projection::spec::{ProjectionSpec, Update};
 
 /// An owned raw record.
@@ -28,10 +29,13 @@ pub struct Record {
 
 impl Record {
     /// Copies a consumed message (once: `detach()` and then converting the
-    /// owned message would copy every payload twice).
-    pub fn copy_of<M: Message>(m: &M) -> Self {
+    /// owned message would copy every payload twice). Its headers only when
+    /// `with_headers`: they are most of the copy's cost, and a rebuild
+    /// reads them only to link trace spans.
+    pub fn copy_of<M: Message>(m: &M, with_headers: bool) -> Self {
         let headers = m
             .headers()
+            .filter(|_| with_headers)
             .map(|h| {
                 h.iter()
                     .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
@@ -74,6 +78,10 @@ pub fn plan<'a>(
     records: &[Record],
 ) -> Plan {
     let mut plan = Plan::default();
+    let mut paths = Paths::default();
+    for spec in projections.clone() {
+        spec.add_pointers(&mut paths);
+    }
     for (i, r) in records.iter().enumerate() {
         let event = match r.payload.as_deref().map(WebhookEvent::decode) {
             Some(Ok(e)) => e,
@@ -87,8 +95,9 @@ pub fn plan<'a>(
                 continue;
             }
         };
-        // The body is parsed only when a rule matches: most records of a
-        // rebuild's replay (every raw topic, one projection) match none.
+        // The body is parsed only when a rule matches (most records of a
+        // rebuild's replay, of every raw topic, match none), and only what
+        // the rules point at is kept.
         let doc: OnceCell<Option<Value>> = OnceCell::new();
         let mut matched = false;
         let mut failure = None;
@@ -96,7 +105,7 @@ pub fn plan<'a>(
         for spec in projections.clone() {
             for rule in spec.matching(&event) {
                 matched = true;
-                let doc = doc.get_or_init(|| serde_json::from_slice(&event.body).ok());
+                let doc = doc.get_or_init(|| paths.parse(&event.body));
                 match spec.map(rule, &event, doc.as_ref()) {
                     Ok(u) => updates.push(u),
                     Err(e) => failure = Some(format!("projection {}: {e}", spec.name)),

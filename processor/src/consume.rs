@@ -491,7 +491,7 @@ pub async fn next_batch(
             m = consumer.recv() => m,
         };
         match m {
-            Ok(m) => break Record::copy_of(&m),
+            Ok(m) => break Record::copy_of(&m, true),
             Err(e) => {
                 warn!(error = %e, "Consumer error.");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -502,7 +502,7 @@ pub async fn next_batch(
     let deadline = tokio::time::Instant::now() + wait;
     while batch.len() < size {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(Record::copy_of(&m)),
+            Ok(Ok(m)) => batch.push(Record::copy_of(&m, true)),
             Ok(Err(e)) => warn!(error = %e, "Consumer error."),
             Err(_) => break,
         }

@@ -369,10 +369,12 @@ async fn replay(
                     targets.len()
                 )
             })??;
-        batch.push(Record::copy_of(&first));
+        // Headers only feed the replay's trace links.
+        let with_headers = hooklog_schemas::telemetry::enabled();
+        batch.push(Record::copy_of(&first, with_headers));
         while batch.len() < batch_size {
             match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(Record::copy_of(&m)),
+                Ok(Ok(m)) => batch.push(Record::copy_of(&m, with_headers)),
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => break,
             }
@@ -385,17 +387,21 @@ async fn replay(
         while in_flight.len() >= IN_FLIGHT {
             in_flight.pop_front().expect("in flight").await?;
         }
-        let positions: Vec<(String, i32, i64)> = batch
-            .iter()
-            .map(|r| (r.topic.clone(), r.partition, r.offset))
+        let mut positions: HashMap<(&str, i32), i64> = HashMap::new();
+        for r in &batch {
+            let last = positions.entry((&r.topic, r.partition)).or_insert(r.offset);
+            *last = (*last).max(r.offset);
+        }
+        let positions: Vec<((String, i32), i64)> = positions
+            .into_iter()
+            .map(|((topic, partition), offset)| ((topic.to_owned(), partition), offset))
             .collect();
+        done += batch.len() as u64;
         let (job_store, job_spec, turn) = (store.clone(), spec.clone(), write_turn.clone());
         in_flight.push_back(tokio::spawn(async move {
             apply_replayed(&job_store, &job_spec, version, &batch, &turn).await;
         }));
-        done += positions.len() as u64;
-        for (topic, partition, offset) in positions {
-            let key = (topic, partition);
+        for (key, offset) in positions {
             if targets.get(&key).is_some_and(|high| offset + 1 >= *high) {
                 targets.remove(&key);
             }

@@ -2,6 +2,8 @@
 //!
 //! - [`spec`]: the `[[projection]]` config and the mapping from an event to
 //!   an [`spec::Update`] (pure, unit-tested);
+//! - [`pointer`]: JSON pointers into event bodies, and parsing only what
+//!   they reach;
 //! - [`fold`]: the merge rules, applied to an entity in memory (pure);
 //! - [`store`]: the Redis side: versions, read → fold → compare-and-set
 //!   (`lua/commit.lua`), reads.
@@ -13,5 +15,6 @@
 //! order, with any duplicates, gives the same state.
 
 pub mod fold;
+pub mod pointer;
 pub mod spec;
 pub mod store;
