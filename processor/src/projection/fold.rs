@@ -8,7 +8,9 @@
 //! [`apply`]), `~r:<field>` status ranks, `~updated` (newest clock) and
 //! `~rev` (bumped by every write; the store's compare-and-set token).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use foldhash::HashMap;
 
 use super::spec::Op;
 
@@ -182,7 +184,7 @@ mod tests {
     }
 
     fn run(events: &[(&str, Vec<Op>)]) -> Fields {
-        let mut fields = Fields::new();
+        let mut fields = Fields::default();
         let mut changed = BTreeSet::new();
         for (clock, ops) in events {
             apply(&mut fields, &mut changed, ops, clock);
@@ -232,7 +234,7 @@ mod tests {
 
     #[test]
     fn changed_lists_every_written_field() {
-        let mut fields = Fields::new();
+        let mut fields = Fields::default();
         let mut changed = BTreeSet::new();
         apply(&mut fields, &mut changed, &[set("a", "1")], "5|x");
         let mut changed2 = BTreeSet::new();

@@ -18,7 +18,9 @@
 //! events to the current bucket in the same atomic step; an entity someone
 //! else changed meanwhile is read and folded again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -95,7 +97,8 @@ struct Group<'a> {
     expected_rev: u64,
     /// Event ids newly applied (they become markers with the write).
     markers: Vec<&'a str>,
-    fields: Vec<String>,
+    /// The fields to write (their values are in `state`).
+    changed: BTreeSet<String>,
     write: bool,
     updates: Vec<usize>,
     applied: Vec<bool>,
@@ -104,7 +107,7 @@ struct Group<'a> {
 
 impl Group<'_> {
     fn args_len(&self) -> usize {
-        5 + self.markers.len() + self.fields.len()
+        5 + self.markers.len() + 2 * self.changed.len()
     }
 }
 
@@ -371,7 +374,10 @@ impl Store {
                 for g in groups.iter().filter(|g| g.write) {
                     cmd.arg(&g.key).arg(g.expected_rev).arg(g.version_index + 1);
                     cmd.arg(g.markers.len()).arg(&g.markers);
-                    cmd.arg(g.fields.len() / 2).arg(&g.fields);
+                    cmd.arg(g.changed.len());
+                    for f in &g.changed {
+                        cmd.arg(f).arg(&g.state[f]);
+                    }
                 }
             }
             let replies: Vec<redis::Value> = if calls.is_empty() {
@@ -580,16 +586,9 @@ impl Store {
                     group_applied.push(new);
                 }
                 let write = !markers.is_empty();
-                let mut flat = Vec::new();
                 if write {
-                    let rev = (expected_rev + 1).to_string();
-                    fields.insert(fold::REV.into(), rev.clone());
-                    for f in &changed {
-                        flat.push(f.clone());
-                        flat.push(fields[f].clone());
-                    }
-                    flat.push(fold::REV.into());
-                    flat.push(rev);
+                    fields.insert(fold::REV.into(), (expected_rev + 1).to_string());
+                    changed.insert(fold::REV.into());
                 }
                 groups.push(Group {
                     key: format!("{base}:e:{key}"),
@@ -597,7 +596,7 @@ impl Store {
                     version_index,
                     expected_rev,
                     markers,
-                    fields: flat,
+                    changed,
                     write,
                     updates: members,
                     applied: group_applied,
