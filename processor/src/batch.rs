@@ -33,9 +33,10 @@ impl Record {
     /// `with_headers`: they are most of the copy's cost, and a rebuild
     /// reads them only to link trace spans.
     pub fn copy_of<M: Message>(m: &M, with_headers: bool) -> Self {
-        let headers = m
-            .headers()
-            .filter(|_| with_headers)
+        // `with_headers` is checked first: asking for the headers parses them.
+        let headers = with_headers
+            .then(|| m.headers())
+            .flatten()
             .map(|h| {
                 h.iter()
                     .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))

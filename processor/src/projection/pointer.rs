@@ -7,8 +7,9 @@
 //! whole body is JSON but keeps only what a pointer can reach, so
 //! [`lookup`] on its result answers exactly as on the full document.
 
-use std::collections::HashMap;
 use std::fmt;
+
+use foldhash::HashMap;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
