@@ -710,12 +710,10 @@ impl Store {
     }
 }
 
-/// The shard of an entity (stable within a process).
+/// The shard of an entity.
 fn shard_of(projection: &str, key: &str) -> usize {
-    use std::hash::{BuildHasher, Hasher};
-    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
-        std::sync::OnceLock::new();
-    let mut h = SEED.get_or_init(Default::default).build_hasher();
+    use std::hash::Hasher;
+    let mut h = std::hash::DefaultHasher::new();
     h.write(projection.as_bytes());
     h.write_u8(0xff);
     h.write(key.as_bytes());
