@@ -101,7 +101,7 @@ impl Default for Metrics {
         );
         registry.register(
             "apply_batch_duration_seconds",
-            "Time to apply a batch (Redis + changelog + DLQ)",
+            "Time from a batch's plan and Redis apply to its last changelog and DLQ ack (batches overlap: while one waits for acks, the next is applied)",
             m.batch_seconds.clone(),
         );
         registry.register(
