@@ -84,7 +84,7 @@ pub fn plan<'a>(
         spec.add_pointers(&mut paths);
     }
     for (i, r) in records.iter().enumerate() {
-        let event = match r.payload.as_deref().map(WebhookEvent::decode) {
+        let event = match r.payload.as_deref().map(WebhookEvent::decode_view) {
             Some(Ok(e)) => e,
             Some(Err(e)) => {
                 plan.poison.push((i, "undecodable", e.to_string()));
@@ -104,9 +104,9 @@ pub fn plan<'a>(
         let mut failure = None;
         let mut updates = Vec::new();
         for spec in projections.clone() {
-            for rule in spec.matching(&event) {
+            for rule in spec.matching(event) {
                 matched = true;
-                let doc = doc.get_or_init(|| paths.parse(&event.body));
+                let doc = doc.get_or_init(|| paths.parse(event.body));
                 match spec.map(rule, &event, doc.as_ref()) {
                     Ok(u) => updates.push(u),
                     Err(e) => failure = Some(format!("projection {}: {e}", spec.name)),
@@ -121,8 +121,11 @@ pub fn plan<'a>(
         } else if !matched {
             plan.unmatched += 1;
         } else {
-            plan.updates
-                .extend(updates.into_iter().map(|u| (u, event.event_id.clone(), i)));
+            plan.updates.extend(
+                updates
+                    .into_iter()
+                    .map(|u| (u, event.event_id.to_owned(), i)),
+            );
         }
     }
     plan

@@ -1,7 +1,8 @@
-//! The live consume loop: batch, apply to Redis, publish changelog and dead
-//! letters, and only then store the batch's offsets (committed in the
-//! background by librdkafka). Transient failures pause and retry the whole
-//! batch (the apply is idempotent); nothing is skipped.
+//! The live consume loop, in two overlapping stages: batch and apply to
+//! Redis; then publish the changelog and dead letters, and only then store
+//! the batch's offsets (committed in the background by librdkafka).
+//! Transient failures pause the stage that met them and retry its batch
+//! (the apply is idempotent); nothing is skipped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};

@@ -23,4 +23,4 @@ pub mod telemetry;
 pub mod topics;
 pub mod trace;
 
-pub use envelope::{DecodeError, WebhookEvent};
+pub use envelope::{DecodeError, EventView, WebhookEvent};

@@ -65,7 +65,9 @@ async fn apply_all(store: &Store, events: &[(usize, Ev)], batch: usize) -> serde
             }
             let event = order_event(*id, &body);
             let spec = spec_with_status(e.status);
-            let update = spec.map(&spec.rules[0], &event, Some(&body)).unwrap();
+            let update = spec
+                .map(&spec.rules[0], &event.view(), Some(&body))
+                .unwrap();
             updates.push((update, event.event_id));
         }
         let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
@@ -314,7 +316,9 @@ fn order_updates(
     for id in ids {
         let body = serde_json::json!({"order_id": order, "at": 1_740_000_000 + id, "carrier": "A", "amount": 2});
         let event = order_event(id, &body);
-        let update = spec.map(&spec.rules[0], &event, Some(&body)).unwrap();
+        let update = spec
+            .map(&spec.rules[0], &event.view(), Some(&body))
+            .unwrap();
         updates.push((update, event.event_id));
     }
     updates

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use hooklog_schemas::EventView;
+#[cfg(test)]
 use hooklog_schemas::WebhookEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -168,10 +170,10 @@ impl ProjectionSpec {
     }
 
     /// The rules matching an event's source and type.
-    pub fn matching<'a>(&'a self, event: &'a WebhookEvent) -> impl Iterator<Item = &'a Rule> + 'a {
+    pub fn matching<'a>(&'a self, event: EventView<'a>) -> impl Iterator<Item = &'a Rule> + 'a {
         self.rules.iter().filter(move |r| {
             r.source.as_deref().is_none_or(|s| s == event.source)
-                && type_matches(&r.event_type, &event.event_type)
+                && type_matches(&r.event_type, event.event_type)
         })
     }
 
@@ -179,7 +181,7 @@ impl ProjectionSpec {
     pub fn map(
         &self,
         rule: &Rule,
-        event: &WebhookEvent,
+        event: &EventView<'_>,
         doc: Option<&Value>,
     ) -> Result<Update, MappingError> {
         let doc = doc.ok_or(MappingError::NotJson)?;
@@ -312,14 +314,14 @@ mod tests {
             r#"{"order_id":"ORD-1","shipping_carrier":"FedEx","shipped_at":"2025-03-01T12:00:00Z","amount":12.5,"note":"unused"}"#,
         );
         let doc: Value = serde_json::from_slice(&ev.body).unwrap();
-        let rule = spec.matching(&ev).next().unwrap();
-        let up = spec.map(rule, &ev, Some(&doc)).unwrap();
+        let rule = spec.matching(ev.view()).next().unwrap();
+        let up = spec.map(rule, &ev.view(), Some(&doc)).unwrap();
         // The body parsed down to the spec's pointers maps the same.
         let mut paths = Paths::default();
         spec.add_pointers(&mut paths);
         let pruned = paths.parse(&ev.body).unwrap();
         assert_ne!(pruned, doc, "something was left out");
-        assert_eq!(spec.map(rule, &ev, Some(&pruned)).unwrap(), up);
+        assert_eq!(spec.map(rule, &ev.view(), Some(&pruned)).unwrap(), up);
         assert_eq!(up.key, "ORD-1");
         assert_eq!(up.time_ms, 1_740_830_400_000);
         assert_eq!(
@@ -348,15 +350,15 @@ mod tests {
         let spec = orders();
         let rule = &spec.rules[0];
         let ev = event("not json");
-        assert_eq!(spec.map(rule, &ev, None), Err(MappingError::NotJson));
+        assert_eq!(spec.map(rule, &ev.view(), None), Err(MappingError::NotJson));
         let doc = serde_json::json!({"amount": 1});
         assert!(matches!(
-            spec.map(rule, &ev, Some(&doc)),
+            spec.map(rule, &ev.view(), Some(&doc)),
             Err(MappingError::MissingKey(_))
         ));
         let doc = serde_json::json!({"order_id": "x", "amount": "12"});
         assert!(matches!(
-            spec.map(rule, &ev, Some(&doc)),
+            spec.map(rule, &ev.view(), Some(&doc)),
             Err(MappingError::NotANumber(_))
         ));
     }
@@ -377,7 +379,7 @@ mod tests {
         let spec = orders();
         let ev = event("{}");
         let doc = serde_json::json!({"order_id": 7, "amount": 1});
-        let up = spec.map(&spec.rules[0], &ev, Some(&doc)).unwrap();
+        let up = spec.map(&spec.rules[0], &ev.view(), Some(&doc)).unwrap();
         assert_eq!((up.key.as_str(), up.time_ms), ("7", 42));
     }
 
