@@ -3,8 +3,6 @@
 use std::collections::BTreeMap;
 
 use hooklog_schemas::EventView;
-#[cfg(test)]
-use hooklog_schemas::WebhookEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -272,6 +270,8 @@ pub fn parse_time_ms(v: &Value) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
+    use hooklog_schemas::WebhookEvent;
+
     use super::*;
 
     fn orders() -> ProjectionSpec {

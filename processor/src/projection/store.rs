@@ -19,10 +19,9 @@
 //! else changed meanwhile is read and folded again.
 
 use std::collections::{BTreeMap, BTreeSet};
-
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::Duration;
 
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, ErrorKind, RedisError, Script};
 use serde::Serialize;
