@@ -440,13 +440,9 @@ impl Pipeline {
             .map_err(|e| ("kafka", e.to_string()))?;
         // Cheap check first (version and `~rev`), full reads only for the
         // entities that changed since.
-        let keys: Vec<(&str, &str)> = states
-            .iter()
-            .map(|(s, _)| (s.projection.as_str(), s.key.as_str()))
-            .collect();
         let revs = self
             .store
-            .revisions(&keys)
+            .revisions(&entity_keys(states))
             .await
             .map_err(|e| ("redis", e.to_string()))?;
         let moved: Vec<_> = states
@@ -459,13 +455,9 @@ impl Pipeline {
         if moved.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<(&str, &str)> = moved
-            .iter()
-            .map(|(s, _)| (s.projection.as_str(), s.key.as_str()))
-            .collect();
         let now = self
             .store
-            .read_many(&keys)
+            .read_many(&entity_keys(moved.iter().copied()))
             .await
             .map_err(|e| ("redis", e.to_string()))?;
         Ok(moved
@@ -476,6 +468,16 @@ impl Pipeline {
             })
             .collect())
     }
+}
+
+/// The (projection, key) of each state, as the store's reads take them.
+fn entity_keys<'a>(
+    states: impl IntoIterator<Item = &'a (EntityState, Option<Vec<u8>>)>,
+) -> Vec<(&'a str, &'a str)> {
+    states
+        .into_iter()
+        .map(|(s, _)| (s.projection.as_str(), s.key.as_str()))
+        .collect()
 }
 
 /// Waits for the next batch: the first record, then as many as arrive
