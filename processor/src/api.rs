@@ -93,7 +93,11 @@ async fn read(
         );
     }
     match s.store.read(&projection, &key, None).await {
-        Ok(Some(state)) => Json(state).into_response(),
+        Ok(Some(state)) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            state.json,
+        )
+            .into_response(),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "unknown_key",

@@ -43,7 +43,6 @@ impl Publisher {
     ) -> Result<(), KafkaError> {
         let sends = states.iter().map(|(s, traceparent)| {
             let topic = topics::state_topic(&s.projection);
-            let value = serde_json::to_vec(s).expect("state serializes");
             let version = s.version.to_string();
             let mut h = OwnedHeaders::new().insert(Header {
                 key: headers::PROJECTION_VERSION,
@@ -57,7 +56,7 @@ impl Publisher {
             }
             let record = FutureRecord::to(&topic)
                 .key(&s.key)
-                .payload(&value)
+                .payload(&s.json)
                 .headers(h);
             self.enqueue(record)
         });

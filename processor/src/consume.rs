@@ -578,10 +578,8 @@ mod tests {
             projection: p.into(),
             key: k.into(),
             version: 1,
-            state: Default::default(),
-            updated_at: None,
-            last_event_id: None,
             rev: 1,
+            json: Vec::new(),
         }
     }
 

@@ -74,7 +74,8 @@ async fn apply_all(store: &Store, events: &[(usize, Ev)], batch: usize) -> serde
         store.apply_batch(&refs, Target::Live).await.unwrap();
     }
     let s = store.read("orders", "ORD-P", None).await.unwrap().unwrap();
-    serde_json::json!({"state": s.state, "updated_at": s.updated_at, "last_event_id": s.last_event_id})
+    let d = s.document();
+    serde_json::json!({"state": d["state"], "updated_at": d["updated_at"], "last_event_id": d["last_event_id"]})
 }
 
 proptest! {
@@ -146,9 +147,10 @@ async fn a_batch_spanning_several_script_calls_applies_each_event_once() {
         "state only for the entity's last update"
     );
     let s = store.read("orders", "ORD-C", None).await.unwrap().unwrap();
-    assert_eq!(s.state["events"].as_i64(), Some(1000));
-    assert_eq!(s.state["total"].as_f64(), Some(2000.0));
-    assert_eq!(s.last_event_id.as_deref(), Some("evt-999"));
+    let d = s.document();
+    assert_eq!(d["state"]["events"].as_i64(), Some(1000));
+    assert_eq!(d["state"]["total"].as_f64(), Some(2000.0));
+    assert_eq!(d["last_event_id"].as_str(), Some("evt-999"));
     assert_eq!(results[1099].state.as_ref(), Some(&s));
 }
 
@@ -202,8 +204,12 @@ async fn a_sharded_batch_matches_applying_entity_by_entity() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(got.state, want.state, "{key}");
-        assert_eq!(got.state["events"].as_i64(), Some(20), "{key}");
+        assert_eq!(got.document()["state"], want.document()["state"], "{key}");
+        assert_eq!(
+            got.document()["state"]["events"].as_i64(),
+            Some(20),
+            "{key}"
+        );
         assert_eq!(results[last].state.as_ref(), Some(&got), "{key}");
         for i in (0..refs.len()).filter(|&i| refs[i].0.key == key && i != last) {
             assert!(
@@ -236,7 +242,7 @@ async fn markers_survive_a_window_change_and_expire_with_their_bucket() {
     let applied = results.iter().filter(|r| r.applied).count();
     assert_eq!(applied, 10, "only the 10 new ids apply");
     let s = second.read("orders", "ORD-W", None).await.unwrap().unwrap();
-    assert_eq!(s.state["events"].as_i64(), Some(2510));
+    assert_eq!(s.document()["state"]["events"].as_i64(), Some(2510));
 
     let mut conn = redis::Client::open(url.as_str())
         .unwrap()
@@ -302,8 +308,9 @@ async fn concurrent_writers_on_one_entity_count_each_event_once() {
     }
     let store = Store::connect(&url, &prefix, 600).await.unwrap();
     let s = store.read("orders", "ORD-R", None).await.unwrap().unwrap();
-    assert_eq!(s.state["events"].as_i64(), Some(800));
-    assert_eq!(s.state["total"].as_f64(), Some(1600.0));
+    let d = s.document();
+    assert_eq!(d["state"]["events"].as_i64(), Some(800));
+    assert_eq!(d["state"]["total"].as_f64(), Some(1600.0));
 }
 
 /// Updates of one order entity for the given event ids (amount 2 each).
