@@ -8,14 +8,16 @@
 //! [`apply`]), `~r:<field>` status ranks, `~updated` (newest clock) and
 //! `~rev` (bumped by every write; the store's compare-and-set token).
 
-use std::collections::BTreeSet;
-
 use foldhash::HashMap;
 
 use super::spec::Op;
 
 /// An entity's stored hash.
 pub type Fields = HashMap<String, String>;
+
+/// The names of the fields a fold wrote, each once, in the order first
+/// written: an entity has a handful, so a scan beats a tree.
+pub type Changed = Vec<String>;
 
 /// Name of the revision field.
 pub const REV: &str = "~rev";
@@ -31,7 +33,7 @@ const UPDATED: &str = "~updated";
 /// `~updated` moves on, the fields that relied on it and that this event
 /// does not write get their clock written out. Most entities are written by
 /// one event per batch, and this halves the fields each write sends.
-pub fn apply(fields: &mut Fields, changed: &mut BTreeSet<String>, ops: &[Op], clock: &str) {
+pub fn apply(fields: &mut Fields, changed: &mut Changed, ops: &[Op], clock: &str) {
     // `~c:<f>` / `~r:<f>` names are built in reused buffers, and a field
     // that already exists is overwritten in place: this runs for every
     // event of every batch, and allocations were most of its cost.
@@ -108,7 +110,7 @@ fn clock_is_newer(fields: &Fields, field: &str, clock: &str, c: &mut String) -> 
 /// Records that a field was written at `clock`: nothing when the event is
 /// the entity's newest and the field has no clock of its own (it follows
 /// `~updated`), else its own clock `c`.
-fn stamp(fields: &mut Fields, changed: &mut BTreeSet<String>, c: &str, clock: &str, newest: bool) {
+fn stamp(fields: &mut Fields, changed: &mut Changed, c: &str, clock: &str, newest: bool) {
     if !newest || fields.contains_key(c) {
         put(fields, changed, c, clock);
     }
@@ -128,7 +130,7 @@ fn newer(fields: &Fields, field: &str, clock: &str) -> bool {
 
 /// Writes `field = value` and notes the field as changed, reusing the
 /// existing allocations when the field is already there.
-fn put(fields: &mut Fields, changed: &mut BTreeSet<String>, field: &str, value: &str) {
+fn put(fields: &mut Fields, changed: &mut Changed, field: &str, value: &str) {
     match fields.get_mut(field) {
         Some(slot) => {
             slot.clear();
@@ -138,8 +140,8 @@ fn put(fields: &mut Fields, changed: &mut BTreeSet<String>, field: &str, value: 
             fields.insert(field.to_owned(), value.to_owned());
         }
     }
-    if !changed.contains(field) {
-        changed.insert(field.to_owned());
+    if !changed.iter().any(|c| c == field) {
+        changed.push(field.to_owned());
     }
 }
 
@@ -185,7 +187,7 @@ mod tests {
 
     fn run(events: &[(&str, Vec<Op>)]) -> Fields {
         let mut fields = Fields::default();
-        let mut changed = BTreeSet::new();
+        let mut changed = Changed::new();
         for (clock, ops) in events {
             apply(&mut fields, &mut changed, ops, clock);
         }
@@ -235,12 +237,12 @@ mod tests {
     #[test]
     fn changed_lists_every_written_field() {
         let mut fields = Fields::default();
-        let mut changed = BTreeSet::new();
+        let mut changed = Changed::new();
         apply(&mut fields, &mut changed, &[set("a", "1")], "5|x");
-        let mut changed2 = BTreeSet::new();
+        let mut changed2 = Changed::new();
         apply(&mut fields, &mut changed2, &[set("a", "2")], "4|y");
         assert_eq!(
-            changed.into_iter().collect::<Vec<_>>(),
+            changed,
             ["a", "~updated"],
             "the newest event's fields follow ~updated"
         );

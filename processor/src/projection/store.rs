@@ -26,7 +26,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, ErrorKind, RedisError, Script};
 use serde_json::Value;
 
-use super::fold::{self, Fields};
+use super::fold::{self, Changed, Fields};
 use super::spec::Update;
 
 const COMMIT_LUA: &str = include_str!("../../lua/commit.lua");
@@ -96,7 +96,7 @@ struct Group<'a> {
     /// Event ids newly applied (they become markers with the write).
     markers: Vec<&'a str>,
     /// The fields to write (their values are in `state`).
-    changed: BTreeSet<String>,
+    changed: Changed,
     write: bool,
     updates: Vec<usize>,
     applied: Vec<bool>,
@@ -492,7 +492,7 @@ impl Store {
             for &v in versions {
                 let base = self.version_prefix(projection, v);
                 for e in &entities {
-                    pipe.cmd("HGETALL").arg(format!("{base}:e:{e}"));
+                    pipe.cmd("HGETALL").arg(entity_hash_key(&base, e));
                 }
                 let index = self.seen_index(projection, v);
                 for chunk in ids.chunks(SEEN_CHUNK) {
@@ -568,7 +568,7 @@ impl Store {
             for (key, members) in by_entity {
                 let mut fields = entities.remove(key).unwrap_or_default();
                 let expected_rev = fold::rev(&fields);
-                let mut changed = BTreeSet::new();
+                let mut changed = Changed::new();
                 let mut markers = Vec::new();
                 let mut group_applied = Vec::new();
                 for &i in &members {
@@ -591,10 +591,10 @@ impl Store {
                 let write = !markers.is_empty();
                 if write {
                     fields.insert(fold::REV.into(), (expected_rev + 1).to_string());
-                    changed.insert(fold::REV.into());
+                    changed.push(fold::REV.into());
                 }
                 groups.push(Group {
-                    key: format!("{base}:e:{key}"),
+                    key: entity_hash_key(&base, key),
                     version,
                     version_index,
                     expected_rev,
@@ -636,9 +636,9 @@ impl Store {
         };
         let mut conn = self.conn.clone();
         let flat: Vec<String> = redis::cmd("HGETALL")
-            .arg(format!(
-                "{}:e:{key}",
-                self.version_prefix(projection, version)
+            .arg(entity_hash_key(
+                &self.version_prefix(projection, version),
+                key,
             ))
             .query_async(&mut conn)
             .await?;
@@ -647,13 +647,13 @@ impl Store {
 }
 
 impl Store {
-    /// The current version of each projection among `entities`, as a lookup.
+    /// The current version of each projection among `entities`.
     async fn current_versions(
         &self,
         conn: &mut ConnectionManager,
         entities: &[(&str, &str)],
-    ) -> Result<impl Fn(&str) -> u64, RedisError> {
-        let mut projections: Vec<String> = entities.iter().map(|(p, _)| p.to_string()).collect();
+    ) -> Result<CurrentVersions, RedisError> {
+        let mut projections: Vec<&str> = entities.iter().map(|(p, _)| *p).collect();
         projections.sort_unstable();
         projections.dedup();
         let mut pipe = redis::pipe();
@@ -661,10 +661,16 @@ impl Store {
             pipe.get(self.current_key(p));
         }
         let versions: Vec<Option<u64>> = pipe.query_async(conn).await?;
-        Ok(move |p: &str| {
-            let i = projections.iter().position(|x| x == p).expect("listed");
-            versions[i].unwrap_or(1)
-        })
+        Ok(CurrentVersions(
+            projections
+                .into_iter()
+                .zip(versions)
+                .map(|(p, v)| {
+                    let v = v.unwrap_or(1);
+                    (p.to_owned(), v, self.version_prefix(p, v))
+                })
+                .collect(),
+        ))
     }
 
     /// The current (version, `~rev`) of many entities in two round trips:
@@ -674,19 +680,16 @@ impl Store {
         entities: &[(&str, &str)],
     ) -> Result<Vec<(u64, u64)>, RedisError> {
         let mut conn = self.conn.clone();
-        let version_of = self.current_versions(&mut conn, entities).await?;
+        let current = self.current_versions(&mut conn, entities).await?;
         let mut pipe = redis::pipe();
         for (p, k) in entities {
-            pipe.hget(
-                format!("{}:e:{k}", self.version_prefix(p, version_of(p))),
-                fold::REV,
-            );
+            pipe.hget(entity_hash_key(current.prefix(p), k), fold::REV);
         }
         let revs: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
         Ok(entities
             .iter()
             .zip(revs)
-            .map(|((p, _), rev)| (version_of(p), rev.unwrap_or(0)))
+            .map(|((p, _), rev)| (current.version(p), rev.unwrap_or(0)))
             .collect())
     }
 
@@ -696,21 +699,50 @@ impl Store {
         entities: &[(&str, &str)],
     ) -> Result<Vec<Option<EntityState>>, RedisError> {
         let mut conn = self.conn.clone();
-        let version_of = self.current_versions(&mut conn, entities).await?;
+        let current = self.current_versions(&mut conn, entities).await?;
         let mut pipe = redis::pipe();
         for (p, k) in entities {
             pipe.cmd("HGETALL")
-                .arg(format!("{}:e:{k}", self.version_prefix(p, version_of(p))));
+                .arg(entity_hash_key(current.prefix(p), k));
         }
         let flats: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
         Ok(entities
             .iter()
             .zip(flats)
             .map(|((p, k), flat)| {
-                (!flat.is_empty()).then(|| entity_state(p, k, version_of(p), pairs(&flat)))
+                (!flat.is_empty()).then(|| entity_state(p, k, current.version(p), pairs(&flat)))
             })
             .collect())
     }
+}
+
+/// Projections with their current version and that version's key prefix.
+struct CurrentVersions(Vec<(String, u64, String)>);
+
+impl CurrentVersions {
+    fn get(&self, projection: &str) -> &(String, u64, String) {
+        self.0
+            .iter()
+            .find(|(p, _, _)| p == projection)
+            .expect("every projection asked about was read")
+    }
+
+    fn version(&self, projection: &str) -> u64 {
+        self.get(projection).1
+    }
+
+    fn prefix(&self, projection: &str) -> &str {
+        &self.get(projection).2
+    }
+}
+
+/// `<version prefix>:e:<entity key>`: the key of an entity's hash.
+fn entity_hash_key(version_prefix: &str, key: &str) -> String {
+    let mut k = String::with_capacity(version_prefix.len() + 3 + key.len());
+    k.push_str(version_prefix);
+    k.push_str(":e:");
+    k.push_str(key);
+    k
 }
 
 /// The shard of an entity.
