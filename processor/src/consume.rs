@@ -4,11 +4,11 @@
 //! Transient failures pause the stage that met them and retry its batch
 //! (the apply is idempotent); nothing is skipped.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
@@ -135,36 +135,52 @@ struct AppliedBatch {
 type EntityId = (String, String);
 
 /// For each entity, how many batches of this process have planned an
-/// update to it and not yet published its state.
+/// update to it and not yet published its state: projection → key → count.
+/// Nested by projection so lookups borrow the names (this runs for every
+/// entity of every batch three times).
 #[derive(Default)]
-struct Unpublished(Mutex<HashMap<EntityId, usize>>);
+struct Unpublished(Mutex<HashMap<String, HashMap<String, usize>>>);
 
 impl Unpublished {
     /// Registers a batch's entities (before it is applied).
     fn add(&self, entities: &[EntityId]) {
         let mut map = self.0.lock().expect("lock");
-        for id in entities {
-            *map.entry(id.clone()).or_default() += 1;
+        for (projection, key) in entities {
+            let keys = match map.get_mut(projection) {
+                Some(keys) => keys,
+                None => map.entry(projection.clone()).or_default(),
+            };
+            match keys.get_mut(key) {
+                Some(n) => *n += 1,
+                None => {
+                    keys.insert(key.clone(), 1);
+                }
+            }
         }
     }
 
     /// Unregisters a batch's entities (once it is published).
     fn remove(&self, entities: &[EntityId]) {
         let mut map = self.0.lock().expect("lock");
-        for id in entities {
-            if let Some(n) = map.get_mut(id) {
+        for (projection, key) in entities {
+            let Some(keys) = map.get_mut(projection) else {
+                continue;
+            };
+            if let Some(n) = keys.get_mut(key) {
                 *n -= 1;
                 if *n == 0 {
-                    map.remove(id);
+                    keys.remove(key);
                 }
             }
         }
+        map.retain(|_, keys| !keys.is_empty());
     }
 
     /// True when a later batch of this process will publish the entity.
     fn later_batch_has(&self, s: &EntityState) -> bool {
         let map = self.0.lock().expect("lock");
-        map.get(&(s.projection.clone(), s.key.clone()))
+        map.get(&s.projection)
+            .and_then(|keys| keys.get(&s.key))
             .is_some_and(|&n| n > 1)
     }
 }
@@ -280,13 +296,14 @@ impl Pipeline {
         // then leaves these entities to this batch as soon as it may write
         // them (this batch publishes every entity it updates, duplicates
         // too, after the earlier batch).
-        let mut entities: Vec<EntityId> = plan
+        let mut distinct = HashSet::new();
+        let entities: Vec<EntityId> = plan
             .updates
             .iter()
+            .filter(|(u, _, _)| distinct.insert((u.projection.as_str(), u.key.as_str())))
             .map(|(u, _, _)| (u.projection.clone(), u.key.clone()))
             .collect();
-        entities.sort_unstable();
-        entities.dedup();
+        drop(distinct);
         unpublished.add(&entities);
         let spans = BatchSpans::live(&batch);
         let refs: Vec<_> = plan
