@@ -10,7 +10,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use hooklog_e2e::receiver::{Hit, Receiver};
 use hooklog_e2e::sign::{self, mac, now};
-use hooklog_e2e::{events, eventually, get_json, kafka, secret, unique, TestEnv, API_KEY};
+use hooklog_e2e::{
+    events, eventually, get_json, kafka, let_killed_member_expire, secret, unique, TestEnv, API_KEY,
+};
 use serde_json::{json, Value};
 
 use crate::ingest::post;
@@ -371,9 +373,7 @@ async fn kill_9_mid_stream_delivers_every_event_at_least_once_with_stable_ids() 
             deliverer.kill();
         }
     }
-    // Let the killed member's session expire before its replacement joins
-    // (Tansu 0.6.0 can stall a join while a dead member is registered).
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    let_killed_member_expire().await;
     // Subscriptions survive the restart (they live in Redis).
     deliverer.start();
     hooklog_e2e::wait_http_ok(

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use hooklog_e2e::events::{self, raw};
 use hooklog_e2e::sign::{self, now};
-use hooklog_e2e::{eventually, get_json, kafka, metric, secret, shared_stack, Stack, TestEnv};
+use hooklog_e2e::{
+    eventually, get_json, kafka, let_killed_member_expire, metric, secret, shared_stack, Stack,
+    TestEnv,
+};
 use serde_json::Value;
 
 use crate::ingest::post;
@@ -260,9 +263,7 @@ async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
     )
     .await;
     processor.kill();
-    // Tansu 0.6.0 can stall a group whose new member joins while a killed
-    // one is still registered (seen: > 2 min); let the 10 s session expire.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    let_killed_member_expire().await;
     let _processor = env.processor();
     assert_sums(&env, &expected).await;
 }
@@ -311,9 +312,7 @@ async fn redis_outage_pauses_and_resumes_without_loss() {
     // Committed offsets never passed an unapplied record: a restart from
     // them still ends exactly right.
     processor.kill();
-    // Tansu 0.6.0 can stall a group whose new member joins while a killed
-    // one is still registered (seen: > 2 min); let the 10 s session expire.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    let_killed_member_expire().await;
     let _processor = env.processor();
     assert_sums(&env, &expected).await;
 }
@@ -435,6 +434,8 @@ async fn a_crash_between_apply_and_changelog_still_publishes_the_state() {
     };
     assert_eq!(in_changelog(), 0);
 
+    // The crashed member left without a goodbye, like a kill -9.
+    let_killed_member_expire().await;
     let _processor = env.processor();
     eventually(
         "changelog after redelivery",

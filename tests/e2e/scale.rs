@@ -12,7 +12,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use hooklog_e2e::events;
 use hooklog_e2e::sign::{self, now};
-use hooklog_e2e::{eventually, free_port, get_json, kafka, secret, Stack, TestEnv};
+use hooklog_e2e::{
+    eventually, free_port, get_json, kafka, let_killed_member_expire, secret, Stack, TestEnv,
+};
 use serde_json::Value;
 
 /// Distinct events (the issue asks for at least 20,000); `SCALE_EVENTS`
@@ -111,10 +113,7 @@ async fn three_by_three_replicas_apply_every_acknowledged_event_once() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             processors[0].kill();
-            // The replacement joins once the killed member's session (10 s)
-            // expired: Tansu 0.6.0 can stall a join while a dead member is
-            // still registered. Its partitions wait meanwhile (lag, no loss).
-            tokio::time::sleep(Duration::from_secs(12)).await;
+            let_killed_member_expire().await;
             processors.push(env.processor_on(proc_ports[3]));
         };
         let stop_ingest = async {

@@ -834,6 +834,14 @@ pub fn wait_http_ok(url: &str, timeout: Duration) {
     }
 }
 
+/// Waits until a killed consumer's group session (10 s) has expired, before
+/// its replacement joins: Tansu 0.6.0 can stall a join for minutes while a
+/// dead member is still registered (Apache Kafka does not). The dead
+/// member's partitions wait meanwhile: lag, no loss.
+pub async fn let_killed_member_expire() {
+    tokio::time::sleep(Duration::from_secs(12)).await;
+}
+
 /// Polls `f` until it returns Some, or panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
