@@ -9,8 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
+use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -57,14 +60,46 @@ impl Health {
     }
 }
 
+/// A consumer in a consumer group, logging its rebalances.
+pub type GroupConsumer = StreamConsumer<RebalanceLog>;
+
+/// Logs each partition assignment and revocation at info: when a replica
+/// sits idle or lag builds up, the rebalances are the first thing to read.
+pub struct RebalanceLog;
+
+impl ClientContext for RebalanceLog {}
+
+impl ConsumerContext for RebalanceLog {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                info!(partitions = %partition_list(tpl), "Partitions assigned.");
+            }
+            Rebalance::Revoke(tpl) => {
+                info!(partitions = %partition_list(tpl), "Partitions revoked.");
+            }
+            Rebalance::Error(e) => warn!(error = %e, "Rebalance failed."),
+        }
+    }
+}
+
+/// `topic/partition` pairs, comma-separated.
+fn partition_list(tpl: &rdkafka::TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Creates the live group consumer.
-pub fn consumer(config: &Config) -> Result<StreamConsumer, KafkaError> {
+pub fn consumer(config: &Config) -> Result<GroupConsumer, KafkaError> {
     group_consumer(config, &config.processor.group_id)
 }
 
 /// A consumer of the raw topics in group `group_id` (processors and
 /// deliverers use separate groups, each reading every event).
-pub fn group_consumer(config: &Config, group_id: &str) -> Result<StreamConsumer, KafkaError> {
+pub fn group_consumer(config: &Config, group_id: &str) -> Result<GroupConsumer, KafkaError> {
     let kafka = &config.kafka;
     let mut cfg = kafka.base();
     cfg.set("group.id", group_id);
@@ -85,7 +120,7 @@ pub fn group_consumer(config: &Config, group_id: &str) -> Result<StreamConsumer,
     // it simply rejoins.
     cfg.set("max.poll.interval.ms", "30000");
     cfg.set("heartbeat.interval.ms", "1000");
-    let consumer: StreamConsumer = kafka.finish(cfg).create()?;
+    let consumer: GroupConsumer = kafka.finish(cfg).create_with_context(RebalanceLog)?;
     let topics = config.raw_topics();
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&refs)?;
@@ -197,7 +232,7 @@ impl Pipeline {
     /// nothing twice and re-emits the current states).
     pub async fn run(
         self: Arc<Self>,
-        consumer: Arc<StreamConsumer>,
+        consumer: Arc<GroupConsumer>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         self.health.running.store(true, Ordering::Relaxed);
@@ -500,7 +535,7 @@ fn entity_keys<'a>(
 /// Waits for the next batch: the first record, then as many as arrive
 /// within `wait`, up to `size`. None on shutdown.
 pub async fn next_batch(
-    consumer: &StreamConsumer,
+    consumer: &GroupConsumer,
     size: usize,
     wait: Duration,
     shutdown: &CancellationToken,
@@ -531,7 +566,7 @@ pub async fn next_batch(
 }
 
 /// Stores the offsets of a fully handled batch (committed in the background).
-pub fn store_offsets(consumer: &StreamConsumer, batch: &[Record]) {
+pub fn store_offsets(consumer: &GroupConsumer, batch: &[Record]) {
     let mut last: HashMap<(&str, i32), i64> = HashMap::new();
     for r in batch {
         let e = last
@@ -551,7 +586,7 @@ pub fn store_offsets(consumer: &StreamConsumer, batch: &[Record]) {
 /// Commits stored offsets and leaves the group, bounded: with the broker
 /// gone a sync commit would wait for its socket timeout. Uncommitted
 /// records are only handled again, idempotently.
-pub async fn commit_and_leave(consumer: Arc<StreamConsumer>) {
+pub async fn commit_and_leave(consumer: Arc<GroupConsumer>) {
     let commit = tokio::task::spawn_blocking(move || {
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
             // Nothing stored yet is also reported as an error.
@@ -568,7 +603,7 @@ pub async fn commit_and_leave(consumer: Arc<StreamConsumer>) {
 }
 
 /// Updates the lag gauges (blocking: asks the broker for watermarks).
-pub fn report_lag(consumer: &StreamConsumer, metrics: &Metrics) {
+pub fn report_lag(consumer: &GroupConsumer, metrics: &Metrics) {
     let Ok(positions) = consumer.position() else {
         return;
     };

@@ -436,13 +436,23 @@ async fn a_crash_between_apply_and_changelog_still_publishes_the_state() {
 
     // The crashed member left without a goodbye, like a kill -9.
     let_killed_member_expire().await;
-    let _processor = env.processor();
+    let processor = env.processor();
     eventually(
         "changelog after redelivery",
         Duration::from_secs(60),
         || async { (in_changelog() > 0).then_some(()) },
     )
     .await;
+    // The rebalance that gave it the partitions is in its log.
+    let stripe = env.topic("stripe");
+    assert!(
+        processor
+            .log_text()
+            .lines()
+            .any(|l| l.contains("Partitions assigned.") && l.contains(&format!("{stripe}/0"))),
+        "{}",
+        processor.log_text()
+    );
     let url = env.processor_url();
     eventually(
         "the redelivery was a duplicate",

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hooklog_schemas::WebhookEvent;
-use rdkafka::consumer::StreamConsumer;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -64,7 +63,7 @@ pub fn jobs<'a>(subs: &'a [Subscription], events: &'a [Traced]) -> Vec<NewJob<'a
 
 impl Fanout {
     /// Runs until `shutdown`.
-    pub async fn run(&self, consumer: Arc<StreamConsumer>, shutdown: CancellationToken) {
+    pub async fn run(&self, consumer: Arc<consume::GroupConsumer>, shutdown: CancellationToken) {
         self.health.running.store(true, Ordering::Relaxed);
         info!("Delivery fan-out consuming.");
         while let Some(batch) =
