@@ -337,6 +337,10 @@ async fn replay(
     let consumer: StreamConsumer = config.kafka.finish(cfg).create()?;
     let md = consumer.fetch_metadata(None, Duration::from_secs(30))?;
     let mut targets: HashMap<(String, i32), i64> = HashMap::new();
+    // The same high watermarks by topic, kept to the end: progress counts
+    // only the records below them (records produced during the replay are
+    // applied too, but are not part of the total).
+    let mut highs = Highs::new();
     let mut tpl = TopicPartitionList::new();
     let mut total: i64 = 0;
     for topic in config.raw_topics() {
@@ -348,6 +352,7 @@ async fn replay(
             if high > low {
                 total += high - low;
                 targets.insert((topic.clone(), p.id()), high);
+                highs.entry(topic.clone()).or_default().push((p.id(), high));
                 tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
             }
         }
@@ -359,6 +364,7 @@ async fn replay(
     let started = Instant::now();
     let mut last_print = Instant::now();
     let mut done: u64 = 0;
+    let mut below_high: u64 = 0;
     let batch_size = options
         .max_records_per_sec
         .map_or(5000, |r| (r as usize / 10).clamp(1, 5000));
@@ -402,6 +408,7 @@ async fn replay(
             .map(|((topic, partition), offset)| ((topic.to_owned(), partition), offset))
             .collect();
         done += batch.len() as u64;
+        below_high += count_below(&highs, &batch);
         let (job_store, job_spec, turn) = (store.clone(), spec.clone(), write_turn.clone());
         in_flight.push_back(tokio::spawn(async move {
             apply_replayed(&job_store, &job_spec, version, &batch, &turn).await;
@@ -411,7 +418,7 @@ async fn replay(
                 targets.remove(&key);
             }
         }
-        metrics.rebuild_progress(&spec.name, done as i64);
+        metrics.rebuild_progress(&spec.name, below_high as i64);
         if let Some(rate) = options.max_records_per_sec.filter(|r| *r > 0) {
             let due = Duration::from_secs_f64(done as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -422,13 +429,15 @@ async fn replay(
             && (last_print.elapsed() >= Duration::from_secs(1) || targets.is_empty())
         {
             last_print = Instant::now();
-            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-            let left = (total as f64 - done as f64).max(0.0);
             eprintln!(
-                "rebuild {} v{version}: {done}/{total} records ({:.0}%), {rate:.0} rec/s, ETA {:.0}s",
-                spec.name,
-                100.0 * done as f64 / total.max(1) as f64,
-                left / rate.max(1.0)
+                "{}",
+                progress_line(
+                    &spec.name,
+                    version,
+                    below_high,
+                    total as u64,
+                    started.elapsed()
+                )
             );
         }
     }
@@ -436,6 +445,40 @@ async fn replay(
         job.await?;
     }
     Ok(done)
+}
+
+/// High watermarks per topic: (partition, high).
+type Highs = HashMap<String, Vec<(i32, i64)>>;
+
+/// How many of `batch`'s records lie below their partition's high watermark.
+fn count_below(highs: &Highs, batch: &[Record]) -> u64 {
+    batch
+        .iter()
+        .filter(|r| {
+            highs.get(r.topic.as_str()).is_some_and(|ps| {
+                ps.iter()
+                    .any(|&(p, high)| p == r.partition && r.offset < high)
+            })
+        })
+        .count() as u64
+}
+
+/// The progress line printed about once a second: records replayed out of
+/// those the replay set out to read (below the high watermarks at its start).
+fn progress_line(
+    projection: &str,
+    version: u64,
+    done: u64,
+    total: u64,
+    elapsed: Duration,
+) -> String {
+    let rate = done as f64 / elapsed.as_secs_f64().max(0.001);
+    let left = total.saturating_sub(done) as f64;
+    format!(
+        "rebuild {projection} v{version}: {done}/{total} records ({:.0}%), {rate:.0} rec/s, ETA {:.0}s",
+        100.0 * done as f64 / total.max(1) as f64,
+        left / rate.max(1.0)
+    )
 }
 
 /// Applies one replayed batch into `version`, retrying Redis until it works.
@@ -462,4 +505,48 @@ async fn apply_replayed(
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
     drop((apply_spans, replay_spans));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(topic: &str, partition: i32, offset: i64) -> Record {
+        Record {
+            topic: topic.into(),
+            partition,
+            offset,
+            key: None,
+            payload: None,
+            headers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn progress_counts_only_records_below_the_starting_high_watermarks() {
+        let mut highs = Highs::new();
+        highs.insert("raw.stripe".into(), vec![(0, 10), (1, 3)]);
+        let batch = [
+            record("raw.stripe", 0, 8),
+            record("raw.stripe", 0, 9),
+            record("raw.stripe", 0, 10), // produced during the replay
+            record("raw.stripe", 1, 2),
+            record("raw.stripe", 1, 3), // produced during the replay
+            record("raw.stripe", 2, 0), // a partition added since
+            record("raw.orders", 0, 0), // not a replayed topic
+        ];
+        assert_eq!(count_below(&highs, &batch), 3);
+    }
+
+    #[test]
+    fn the_progress_line_shows_count_rate_and_eta() {
+        let line = progress_line("customers", 2, 5_000, 10_000, Duration::from_secs(2));
+        assert_eq!(
+            line,
+            "rebuild customers v2: 5000/10000 records (50%), 2500 rec/s, ETA 2s"
+        );
+        let done = progress_line("customers", 2, 10_000, 10_000, Duration::from_secs(4));
+        assert!(done.contains("10000/10000 records (100%)"), "{done}");
+        assert!(done.ends_with("ETA 0s"), "{done}");
+    }
 }
