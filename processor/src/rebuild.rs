@@ -73,6 +73,12 @@ const LOCK_TTL_SECS: u64 = 10;
 /// Replayed batches being decoded or written at once.
 const IN_FLIGHT: usize = 3;
 
+/// Records per replayed batch. An entity is written once per batch however
+/// many of its events the batch holds, so bigger batches mean fewer entity
+/// writes per event; IN_FLIGHT batches of ~1 KB records stay well under
+/// 100 MB.
+const REPLAY_BATCH: usize = 20_000;
+
 /// Runs a rebuild or verify of `spec`.
 pub async fn run(
     config: &Config,
@@ -367,7 +373,7 @@ async fn replay(
     let mut below_high: u64 = 0;
     let batch_size = options
         .max_records_per_sec
-        .map_or(5000, |r| (r as usize / 10).clamp(1, 5000));
+        .map_or(REPLAY_BATCH, |r| (r as usize / 10).clamp(1, REPLAY_BATCH));
     let mut in_flight = std::collections::VecDeque::new();
     let write_turn = Arc::new(tokio::sync::Mutex::new(()));
     while !targets.is_empty() {
