@@ -148,6 +148,29 @@ async fn receive(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Records the event's id, type and trace id on the request span in one
+/// call: the JSON log layer parses and re-serializes a span's fields on
+/// every `record`, so one call instead of three saves two round trips
+/// through serde_json per request.
+fn record_identity(span: &tracing::Span, event_id: &str, event_type: &str, trace_id: &str) {
+    let Some(meta) = span.metadata() else {
+        return; // the span is disabled
+    };
+    let fields = meta.fields();
+    let (Some(id), Some(ty), Some(trace)) = (
+        fields.field("event_id"),
+        fields.field("event_type"),
+        fields.field("trace_id"),
+    ) else {
+        return;
+    };
+    span.record_all(&fields.value_set(&[
+        (&id, Some(&event_id as &dyn field::Value)),
+        (&ty, Some(&event_type as &dyn field::Value)),
+        (&trace, Some(&trace_id as &dyn field::Value)),
+    ]));
+}
+
 async fn handle(
     state: &AppState,
     source: &Source,
@@ -188,8 +211,6 @@ async fn handle(
     }
 
     let span = tracing::Span::current();
-    span.record("event_id", verified.event_id.as_str());
-    span.record("event_type", verified.event_type.as_str());
     let incoming = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
@@ -202,7 +223,12 @@ async fn handle(
             .map(TraceParent::child)
             .unwrap_or_else(TraceParent::new_root)
     });
-    span.record("trace_id", trace.trace_id.as_str());
+    record_identity(
+        &span,
+        &verified.event_id,
+        &verified.event_type,
+        &trace.trace_id,
+    );
 
     let event = WebhookEvent {
         event_id: verified.event_id,
