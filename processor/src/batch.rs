@@ -104,11 +104,18 @@ pub fn plan<'a>(
         let mut failure = None;
         let mut updates = Vec::new();
         for spec in projections.clone() {
+            // One update per projection and event: the first matching rule
+            // (in file order) that can map it. A projection remembers an
+            // event id once, so a second update of the same event would
+            // apply or not depending on how the batch happened to be split.
             for rule in spec.matching(event) {
                 matched = true;
                 let doc = doc.get_or_init(|| paths.parse(event.body));
                 match spec.map(rule, &event, doc.as_ref()) {
-                    Ok(u) => updates.push(u),
+                    Ok(u) => {
+                        updates.push(u);
+                        break;
+                    }
                     Err(e) => failure = Some(format!("projection {}: {e}", spec.name)),
                 }
             }
@@ -129,4 +136,67 @@ pub fn plan<'a>(
         }
     }
     plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(event_id: &str, body: &str) -> Record {
+        let event = WebhookEvent {
+            event_id: event_id.into(),
+            source: "bank".into(),
+            scheme: "hmac-sha256".into(),
+            event_type: "transfer.done".into(),
+            body: body.as_bytes().to_vec(),
+            headers: vec![],
+            provider_timestamp: None,
+            received_at_ms: 42,
+            key_id: 0,
+        };
+        Record {
+            topic: "raw.bank".into(),
+            partition: 0,
+            offset: 0,
+            key: Some(event_id.as_bytes().to_vec()),
+            payload: Some(event.encode()),
+            headers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_projection_takes_the_first_matching_rule_that_maps_the_event() {
+        let spec: ProjectionSpec = toml::from_str(
+            r#"
+            name = "accounts"
+            [[rule]]
+            event_type = "transfer.*"
+            key = "/from"
+            count = ["sent"]
+            [[rule]]
+            event_type = "transfer.done"
+            key = "/to"
+            count = ["received"]
+        "#,
+        )
+        .unwrap();
+        spec.validate().unwrap();
+        let batch = [
+            record("t1", r#"{"from":"A","to":"B"}"#),
+            // The first rule's key is missing: the second rule maps it.
+            record("t2", r#"{"to":"C"}"#),
+            // No rule can map it: a dead letter.
+            record("t3", r#"{}"#),
+        ];
+        let plan = plan(std::iter::once(&spec), &batch);
+        let keys: Vec<(&str, &str)> = plan
+            .updates
+            .iter()
+            .map(|(u, id, _)| (u.key.as_str(), id.as_str()))
+            .collect();
+        assert_eq!(keys, [("A", "t1"), ("C", "t2")]);
+        assert_eq!(plan.poison.len(), 1);
+        assert_eq!(plan.poison[0].0, 2);
+        assert_eq!(plan.unmatched, 0);
+    }
 }
