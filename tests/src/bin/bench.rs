@@ -4,7 +4,8 @@
 //! `docs/benchmarks.md` and `bench/results/<timestamp>.json`.
 //!
 //! `BENCH_QUICK=1`: short runs; `BENCH_SMOKE=1`: a few hundred requests and
-//! records, no file written (run by `make test` so the harness cannot rot).
+//! records, no file written (run by `make test` so the harness cannot rot);
+//! `BENCH_RECORDS=N`: preload N records for the processor and the rebuild.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -217,12 +218,11 @@ async fn main() {
     });
     let max_requests = if smoke { 300 } else { u64::MAX };
     let warmup = Duration::from_secs(if smoke { 0 } else { 1 });
-    let records: usize = if smoke {
-        2_000
-    } else if quick {
-        100_000
-    } else {
-        1_000_000
+    let records: usize = match std::env::var("BENCH_RECORDS").ok() {
+        Some(n) => n.parse().expect("BENCH_RECORDS is a number of records"),
+        None if smoke => 2_000,
+        None if quick => 100_000,
+        None => 1_000_000,
     };
     let started_at = chrono_like_now();
     let stack = Stack::start();
@@ -457,11 +457,12 @@ async fn main() {
         )
         .trim()
     );
-    let mode = if quick {
-        "BENCH_QUICK=1 (5 s loads, 100,000 records)"
-    } else {
-        "full (20 s loads, 1,000,000 records)"
-    };
+    let mode = format!(
+        "{} ({} s loads, {} records)",
+        if quick { "BENCH_QUICK=1" } else { "full" },
+        duration.as_secs(),
+        thousands(records)
+    );
     let doc = format!(
         "# Benchmarks\n\nWritten by `make bench` on {started_at}; mode: {mode}.\n\nMachine: {machine}. Broker: Tansu 0.6.0, memory storage (every reader starts at the beginning of the log), Redis (Debian) on loopback; release builds.\n\nCommand: `make bench` (`BENCH_QUICK=1 make bench` for a short run).\n\n{table}\nProcessor run: {diagnosis}. Rebuild: {rebuild_note}.\n\nThe seed-style receiver is `bench/seed_receiver.py` (the seed article's Flask receiver: verify `X-Webhook-Signature`, produce with confluent-kafka `acks=all`, wait for the delivery report, answer 200) under gunicorn with one sync worker per core, loaded exactly like ingest. Absolute figures on a shared 2-core machine are noisy; compare the ratios, measured side by side in one run. The load generator runs on the same 2 cores as everything it measures.\n"
     );
@@ -502,6 +503,19 @@ fn replay_figures(out: &str) -> Option<(f64, f64)> {
     Some((records, secs.max(0.05)))
 }
 
+/// `1234567` → `1,234,567`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
+}
+
 fn chrono_like_now() -> String {
     String::from_utf8_lossy(
         &std::process::Command::new("date")
@@ -516,6 +530,17 @@ fn chrono_like_now() -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_thousands() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(100_000), "100,000");
+        assert_eq!(thousands(1_000_000), "1,000,000");
+    }
+
     #[test]
     fn reads_the_rebuild_summary() {
         let out = "progress\nrebuilt customers: version 2 is current (was 1), 141976 records replayed in 3.6 s (39438 records/s)\ndeleted version 1 (9 keys)\n";
