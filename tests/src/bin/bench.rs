@@ -11,8 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hooklog_e2e::events::{self, raw};
 use hooklog_e2e::{free_port, kafka, metric, secret, sign, Service, Stack, TestEnv};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 use serde_json::json;
 
 struct Load {
@@ -26,6 +30,12 @@ struct Load {
 
 /// Signed 1 KB generic-scheme bodies with unique event ids, `concurrency`
 /// workers, `duration` after a 1 s warm-up, to 127.0.0.1 only.
+///
+/// Each worker drives its own keep-alive HTTP/1.1 connection with hyper's
+/// bare client (reconnecting when the server closes it): the generator
+/// shares the 2 cores with what it measures, and through reqwest's pool and
+/// layers it spent 1.7 times the CPU per request (43 against 25.5 ms per
+/// 1,000 requests, measured side by side).
 async fn load(
     url: String,
     concurrency: usize,
@@ -33,19 +43,19 @@ async fn load(
     max_requests: u64,
     warmup: Duration,
 ) -> Load {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .build()
-        .unwrap();
+    let uri: hyper::Uri = url.parse().expect("a load URL");
+    let authority = uri.authority().expect("a load URL with a host").to_string();
+    let path = uri.path().to_owned();
     let sent = Arc::new(AtomicU64::new(0));
     let warm_until = Instant::now() + warmup;
     let end = warm_until + duration;
     let mut workers = Vec::new();
     for w in 0..concurrency {
-        let (client, url, sent) = (client.clone(), url.clone(), sent.clone());
+        let (authority, path, sent) = (authority.clone(), path.clone(), sent.clone());
         workers.push(tokio::spawn(async move {
             let (mut lat, mut bad, mut n) = (Vec::new(), 0u64, 0u64);
             let pad = "x".repeat(900);
+            let mut conn: Option<SendRequest<Full<Bytes>>> = None;
             loop {
                 let now = Instant::now();
                 if now >= end || sent.fetch_add(1, Ordering::Relaxed) >= max_requests {
@@ -64,14 +74,28 @@ async fn load(
                     "",
                 );
                 let started = Instant::now();
-                let ok = client
-                    .post(&url)
-                    .header(&sig[0].0, &sig[0].1)
-                    .body(body)
-                    .send()
-                    .await
-                    .map(|r| r.status().is_success())
-                    .unwrap_or(false);
+                let ok = match ready_connection(&mut conn, &authority).await {
+                    Some(sender) => {
+                        let request = hyper::Request::post(path.as_str())
+                            .header(hyper::header::HOST, authority.as_str())
+                            .header(sig[0].0.as_str(), sig[0].1.as_str())
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("a valid request");
+                        match sender.send_request(request).await {
+                            Ok(response) => {
+                                let status = response.status();
+                                // Read the whole answer so the connection is reused.
+                                let read = response.into_body().collect().await.is_ok();
+                                status.is_success() && read
+                            }
+                            Err(_) => {
+                                conn = None;
+                                false
+                            }
+                        }
+                    }
+                    None => false,
+                };
                 if started >= warm_until {
                     lat.push(started.elapsed().as_micros() as u64);
                     bad += u64::from(!ok);
@@ -105,6 +129,30 @@ async fn load(
         non_2xx: bad,
         requests: lat.len() as u64,
     }
+}
+
+/// The worker's connection, ready for a request: the open one, or a new
+/// one when there is none or the server closed it (gunicorn's sync workers
+/// close after every answer). None when connecting fails.
+async fn ready_connection<'a>(
+    conn: &'a mut Option<SendRequest<Full<Bytes>>>,
+    authority: &str,
+) -> Option<&'a mut SendRequest<Full<Bytes>>> {
+    if let Some(sender) = conn.as_mut() {
+        if sender.ready().await.is_err() {
+            *conn = None;
+        }
+    }
+    if conn.is_none() {
+        let stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        stream.set_nodelay(true).ok()?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(connection);
+        *conn = Some(sender);
+    }
+    conn.as_mut()
 }
 
 /// Starts the seed article's receiver (bench/seed_receiver.py) under
