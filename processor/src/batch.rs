@@ -143,19 +143,9 @@ mod tests {
     use super::*;
 
     fn record(event_id: &str, body: &str) -> Record {
-        let event = WebhookEvent {
-            event_id: event_id.into(),
-            source: "bank".into(),
-            scheme: "hmac-sha256".into(),
-            event_type: "transfer.done".into(),
-            body: body.as_bytes().to_vec(),
-            headers: vec![],
-            provider_timestamp: None,
-            received_at_ms: 42,
-            key_id: 0,
-        };
+        let event = crate::test_support::event(event_id, "transfer.done", body, 42);
         Record {
-            topic: "raw.bank".into(),
+            topic: "webhooks.raw.fulfillment".into(),
             partition: 0,
             offset: 0,
             key: Some(event_id.as_bytes().to_vec()),

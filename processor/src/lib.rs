@@ -165,3 +165,29 @@ pub async fn run(
     info!("Processor stopped.");
     Ok(())
 }
+
+/// Builders shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use hooklog_schemas::WebhookEvent;
+
+    /// A verified generic-scheme `fulfillment` event, as ingest stores it.
+    pub fn event(
+        event_id: &str,
+        event_type: &str,
+        body: &str,
+        received_at_ms: i64,
+    ) -> WebhookEvent {
+        WebhookEvent {
+            event_id: event_id.into(),
+            source: "fulfillment".into(),
+            scheme: "hmac-sha256".into(),
+            event_type: event_type.into(),
+            body: body.as_bytes().to_vec(),
+            headers: vec![],
+            provider_timestamp: None,
+            received_at_ms,
+            key_id: 0,
+        }
+    }
+}

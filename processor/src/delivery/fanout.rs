@@ -153,17 +153,7 @@ mod tests {
     }
 
     fn event(id: &str, ty: &str, at: i64) -> WebhookEvent {
-        WebhookEvent {
-            event_id: id.into(),
-            source: "fulfillment".into(),
-            scheme: "hmac-sha256".into(),
-            event_type: ty.into(),
-            body: b"{}".to_vec(),
-            headers: vec![],
-            provider_timestamp: None,
-            received_at_ms: at,
-            key_id: 0,
-        }
+        crate::test_support::event(id, ty, "{}", at)
     }
 
     #[test]

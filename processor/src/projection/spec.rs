@@ -294,17 +294,7 @@ mod tests {
     }
 
     fn event(body: &str) -> WebhookEvent {
-        WebhookEvent {
-            event_id: "e1".into(),
-            source: "fulfillment".into(),
-            scheme: "hmac-sha256".into(),
-            event_type: "order.shipped".into(),
-            body: body.as_bytes().to_vec(),
-            headers: vec![],
-            provider_timestamp: None,
-            received_at_ms: 42,
-            key_id: 0,
-        }
+        crate::test_support::event("e1", "order.shipped", body, 42)
     }
 
     #[test]
