@@ -5,7 +5,9 @@
 //!
 //! `BENCH_QUICK=1`: short runs; `BENCH_SMOKE=1`: a few hundred requests and
 //! records, no file written (run by `make test` so the harness cannot rot);
-//! `BENCH_RECORDS=N`: preload N records for the processor and the rebuild.
+//! `BENCH_RECORDS=N`: preload N records for the processor and the rebuild;
+//! `BENCH_BATCH=N`: the processor's `batch_size` for its measured run
+//! (default 10,000: a catch-up's setting; see `bench/limits.md`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -272,13 +274,17 @@ async fn main() {
         None if quick => 100_000,
         None => 1_000_000,
     };
+    let batch_size: usize = match std::env::var("BENCH_BATCH").ok() {
+        Some(n) => n.parse().expect("BENCH_BATCH is a number of records"),
+        None => 10_000,
+    };
     let started_at = chrono_like_now();
     let stack = Stack::start();
     let env = TestEnv::on(
         "bench",
         &stack.brokers,
         &stack.redis_url,
-        "[processor]\npartitions = 6\nbatch_size = 2000",
+        &format!("[processor]\npartitions = 6\nbatch_size = {batch_size}"),
     )
     // The production default: a debug line per request would be measured.
     .with_log("info");
@@ -430,6 +436,7 @@ async fn main() {
     .await;
     let naive_rate = naive_records as f64 / naive_time.as_secs_f64();
 
+    let batch_row = format!("processor, events/s (batch {})", thousands(batch_size));
     let rows = vec![
         (
             "ingest → Tansu (verified, acks=all), req/s",
@@ -452,7 +459,7 @@ async fn main() {
             "broker limit".into(),
         ),
         (
-            "processor, events/s (batch 2000)",
+            batch_row.as_str(),
             proc_rate,
             "≥ 50,000 and ≥ 10 × batch 1".into(),
         ),
@@ -527,7 +534,7 @@ async fn main() {
         "ingest": {"rps": hooklog.rps, "p50_ms": hooklog.p50_ms, "p99_ms": hooklog.p99_ms, "p999_ms": hooklog.p999_ms, "non_2xx": hooklog.non_2xx, "peak_rss_kib": ingest_rss},
         "bare_axum_rps": bare.rps, "producer_msgs_per_s": producer_rps,
         "seed_style": seed.as_ref().map(|s| json!({"rps": s.rps, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "non_2xx": s.non_2xx})),
-        "processor": {"events_per_s": proc_rate, "batch1_events_per_s": naive_rate, "peak_rss_kib": proc_rss, "records": records},
+        "processor": {"events_per_s": proc_rate, "batch_size": batch_size, "batch1_events_per_s": naive_rate, "peak_rss_kib": proc_rss, "records": records},
         "rebuild_events_per_s": rebuild_rate,
         "rebuild": {"replayed": replayed, "replay_s": replay_secs, "command_s": rebuild_wall},
     });
