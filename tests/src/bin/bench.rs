@@ -284,7 +284,7 @@ async fn main() {
         "bench",
         &stack.brokers,
         &stack.redis_url,
-        &format!("[processor]\npartitions = 6\nbatch_size = {batch_size}"),
+        "[processor]\npartitions = 6",
     )
     // The production default: a debug line per request would be measured.
     .with_log("info");
@@ -331,7 +331,19 @@ async fn main() {
 
     let producer = kafka::producer(&env.brokers);
 
-    // 3. Processor from start to all applied, then the batch-size-1 baseline.
+    // 3. Processor from start to all applied, then the batch-size-1 baseline,
+    //    each in a namespace of its own: their raw topics hold only the
+    //    preloaded records (the ingest runs' records would otherwise be
+    //    consumed in the measured run without being counted, and replayed
+    //    by the rebuild).
+    let penv = TestEnv::on(
+        "bench-processor",
+        &stack.brokers,
+        &stack.redis_url,
+        &format!("[processor]\npartitions = 6\nbatch_size = {batch_size}"),
+    )
+    .with_log("info");
+    penv.create_topics();
     let customers = 1000;
     let preload = |n: usize, tag: &str| -> Vec<(String, Vec<u8>)> {
         (0..n)
@@ -351,10 +363,10 @@ async fn main() {
             })
             .collect()
     };
-    kafka::produce_all(&producer, &env.topic("stripe"), &preload(records, "a")).await;
-    let mut processor = env.processor();
+    kafka::produce_all(&producer, &penv.topic("stripe"), &preload(records, "a")).await;
+    let mut processor = penv.processor();
     let proc_time = wait_applied(
-        &env.processor_url(),
+        &penv.processor_url(),
         records as f64,
         Duration::from_secs(1800),
     )
@@ -363,7 +375,7 @@ async fn main() {
     // Where the processor's time went: batches, and how long each took from
     // its plan and Redis apply to its last changelog ack (two stages: the
     // next batch is applied while one waits for its acks).
-    let purl = env.processor_url();
+    let purl = penv.processor_url();
     let batches = metric(
         &purl,
         "hooklog_processor_apply_batch_duration_seconds_count",
@@ -388,7 +400,7 @@ async fn main() {
     // 4. Rebuild of the same records into a new version.
     let t = Instant::now();
     let (ok, out) =
-        env.processor_cmd(&["rebuild", "--projection", "customers", "--grace-secs", "0"]);
+        penv.processor_cmd(&["rebuild", "--projection", "customers", "--grace-secs", "0"]);
     assert!(ok, "rebuild failed: {out}");
     let rebuild_wall = t.elapsed().as_secs_f64();
     // The replay reads every raw topic (the ingest load's records too), and
