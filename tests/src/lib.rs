@@ -52,13 +52,33 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A free loopback port.
+/// Listen ports are picked from here: below Linux's ephemeral range
+/// (32768–60999 by default). A port the kernel hands out for `bind(0)` can
+/// be taken by any outgoing connection (a broker or Redis client, `curl`)
+/// between this check and the service's own bind, and the service then
+/// fails to start; the parallel suite saw that once.
+const LISTEN_PORTS: std::ops::Range<u32> = 20_000..32_000;
+
+/// A free loopback port for a service to listen on. Successive calls in a
+/// process walk the range from a random start, so two tests never get the
+/// same port before either has bound it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let seed = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            std::process::id(),
+        );
+        AtomicU32::new(seed as u32)
+    });
+    let span = LISTEN_PORTS.end - LISTEN_PORTS.start;
+    for _ in 0..span {
+        let port = (LISTEN_PORTS.start + next.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LISTEN_PORTS:?}");
 }
 
 /// A directory for this test process's files.
@@ -882,4 +902,22 @@ pub async fn metric(base_url: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| l.starts_with(name) && labels.iter().all(|p| l.contains(p)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_ports_are_distinct_free_and_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        for &p in &ports {
+            assert!(LISTEN_PORTS.contains(&u32::from(p)), "{p}");
+        }
+        // Free: a service can bind it.
+        let port = free_port();
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_ok(), "{port}");
+    }
 }
