@@ -403,8 +403,8 @@ async fn main() {
         penv.processor_cmd(&["rebuild", "--projection", "customers", "--grace-secs", "0"]);
     assert!(ok, "rebuild failed: {out}");
     let rebuild_wall = t.elapsed().as_secs_f64();
-    // The replay reads every raw topic (the ingest load's records too), and
-    // the command also starts a process and deletes the old version: rate
+    // The replay reads every raw topic of its namespace, and the command
+    // also starts a process and deletes the old version: rate
     // the replay on what it reports, and show the whole command beside it.
     let (replayed, replay_secs) = replay_figures(&out).expect("rebuild reports its replay");
     let rebuild_rate = replayed / replay_secs;
@@ -415,8 +415,8 @@ async fn main() {
     processor.kill();
 
     // 2. The broker limit: the producer alone, same 1 KB records, many in
-    //    flight (after the processor runs: its raw topic would otherwise be
-    //    consumed, as poison, during the processor measurement).
+    //    flight, into the ingest runs' namespace (measured after the
+    //    processor runs, so they do not share the broker with it).
     let payloads: Vec<(String, Vec<u8>)> = (0..records.min(200_000))
         .map(|i| (format!("p-{i}"), vec![b'x'; 1024]))
         .collect();
