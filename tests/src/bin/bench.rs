@@ -268,16 +268,14 @@ async fn main() {
     });
     let max_requests = if smoke { 300 } else { u64::MAX };
     let warmup = Duration::from_secs(if smoke { 0 } else { 1 });
-    let records: usize = match std::env::var("BENCH_RECORDS").ok() {
-        Some(n) => n.parse().expect("BENCH_RECORDS is a number of records"),
-        None if smoke => 2_000,
-        None if quick => 100_000,
-        None => 1_000_000,
-    };
-    let batch_size: usize = match std::env::var("BENCH_BATCH").ok() {
-        Some(n) => n.parse().expect("BENCH_BATCH is a number of records"),
-        None => 10_000,
-    };
+    let records = records_from_env("BENCH_RECORDS").unwrap_or(if smoke {
+        2_000
+    } else if quick {
+        100_000
+    } else {
+        1_000_000
+    });
+    let batch_size = records_from_env("BENCH_BATCH").unwrap_or(10_000);
     let started_at = chrono_like_now();
     let stack = Stack::start();
     let env = TestEnv::on(
@@ -568,6 +566,16 @@ fn replay_figures(out: &str) -> Option<(f64, f64)> {
     let records = words.get(at.checked_sub(2)?)?.parse().ok()?;
     let secs: f64 = words.get(at + 2)?.parse().ok()?;
     Some((records, secs.max(0.05)))
+}
+
+/// A number of records set in the environment variable `name`, if set.
+fn records_from_env(name: &str) -> Option<usize> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} is a number of records, not {value:?}")),
+    )
 }
 
 /// `1234567` → `1,234,567`.
