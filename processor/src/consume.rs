@@ -1,10 +1,11 @@
-//! The live consume loop, in two overlapping stages: batch and apply to
-//! Redis; then publish the changelog and dead letters, and only then store
-//! the batch's offsets (committed in the background by librdkafka).
-//! Transient failures pause the stage that met them and retry its batch
-//! (the apply is idempotent); nothing is skipped.
+//! The live consume loop, in overlapping stages: fetch and plan batches;
+//! apply them to Redis in one lane per shard of the entities; then publish
+//! the changelog and dead letters, and only then store the batch's offsets
+//! (committed in the background by librdkafka). Transient failures pause
+//! the loop that met them and retry its work (the apply is idempotent);
+//! nothing is skipped.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::KafkaError;
 use rdkafka::ClientContext;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -22,41 +24,41 @@ use crate::changelog::Publisher;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::projection::spec::ProjectionSpec;
-use crate::projection::store::{EntityState, Store, Target};
+use crate::projection::store::{shard_of, Applied, EntityState, Store, Target, SHARDS};
 use crate::spans::{BatchSpans, Phase};
-
-/// A stage of a consume loop that can pause on an outage.
-#[derive(Clone, Copy, Debug)]
-pub enum Stage {
-    /// Applying batches to Redis (and the delivery fan-out's enqueue).
-    Apply = 1,
-    /// Publishing changelog records and dead letters.
-    Publish = 2,
-}
 
 /// Shared health flags for `/readyz`.
 #[derive(Default)]
 pub struct Health {
-    /// One bit per [`Stage`] retrying through an outage.
-    paused: AtomicU8,
+    /// How many loops (apply lanes, the publish stage, the delivery
+    /// fan-out) are retrying through an outage right now.
+    retrying: AtomicUsize,
     /// True once the consumer is running.
     pub running: AtomicBool,
 }
 
 impl Health {
-    /// Marks `stage` as retrying.
-    pub fn pause(&self, stage: Stage) {
-        self.paused.fetch_or(stage as u8, Ordering::Relaxed);
+    /// Marks one loop as retrying until the returned guard is dropped.
+    pub fn pause(&self) -> Paused<'_> {
+        self.retrying.fetch_add(1, Ordering::Relaxed);
+        Paused(self)
     }
 
-    /// Marks `stage` as running again; true if it was paused.
-    pub fn resume(&self, stage: Stage) -> bool {
-        self.paused.fetch_and(!(stage as u8), Ordering::Relaxed) & stage as u8 != 0
-    }
-
-    /// True while any stage is retrying.
+    /// True while any loop is retrying.
     pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::Relaxed) != 0
+        self.retrying.load(Ordering::Relaxed) != 0
+    }
+}
+
+/// One loop retrying through an outage: dropping it marks the loop as
+/// running again. A count, not a flag, so that one lane's recovery does
+/// not hide another lane still retrying.
+#[must_use = "the loop counts as paused only while this is held"]
+pub struct Paused<'a>(&'a Health);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.retrying.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -152,10 +154,37 @@ fn crash_before_changelog() -> bool {
     std::env::var("HOOKLOG_FAULT").is_ok_and(|v| v == "crash_before_changelog")
 }
 
+/// Batches each apply lane may have queued: enough to keep every lane
+/// busy while the others catch up, few enough to bound the memory.
+const LANE_QUEUE: usize = 2;
+
+/// A planned batch, waiting in the collector for its apply lanes.
+struct PlannedBatch {
+    batch: Vec<Record>,
+    plan: Arc<Plan>,
+    /// Every entity the batch updates, as registered in [`Unpublished`].
+    entities: Vec<EntityId>,
+    spans: BatchSpans,
+    /// The records' `hooklog.apply` spans: they end when every lane is done.
+    apply_spans: Vec<tracing::Span>,
+    started: Instant,
+}
+
+/// One apply lane's part of a batch: the positions in `plan.updates` of
+/// the updates whose entities fall in its shard.
+struct LaneJob {
+    plan: Arc<Plan>,
+    positions: Vec<usize>,
+}
+
+/// What a lane did with a job (positions and their results), or None when
+/// it stopped on shutdown while retrying.
+type LaneResult = Option<(Vec<usize>, Vec<Applied>)>;
+
 /// A batch applied to Redis, on its way to the publish stage.
 struct AppliedBatch {
     batch: Vec<Record>,
-    plan: Plan,
+    plan: Arc<Plan>,
     /// Every entity the batch updates, as registered in [`Unpublished`].
     entities: Vec<EntityId>,
     /// The state of each entity the batch changed (its last update's), with
@@ -224,12 +253,17 @@ impl Pipeline {
     /// Runs until `shutdown`: finishes the batches in flight, commits,
     /// returns.
     ///
-    /// Two stages overlap: while batch N's changelog records wait for their
-    /// acks, batch N+1 is fetched, planned and applied. Batches reach the
-    /// publish stage in order, and it stores each batch's offsets only once
-    /// its changelog and dead letters are acknowledged, so a crash anywhere
-    /// leaves the unpublished batches uncommitted (their redelivery applies
-    /// nothing twice and re-emits the current states).
+    /// Three stages overlap. This loop fetches and plans batches. The apply
+    /// runs in [`SHARDS`] lanes, one per shard of the entities: each lane
+    /// applies its part of each batch in batch order, so an entity's updates
+    /// stay in order while one lane folds and another waits for Redis, and a
+    /// lane need not wait for the others to finish a batch before starting
+    /// its part of the next. A collector joins each batch's lane results in
+    /// batch order and hands the batch to the publish stage, which stores
+    /// its offsets only once its changelog and dead letters are
+    /// acknowledged, so a crash anywhere leaves the unpublished batches
+    /// uncommitted (their redelivery applies nothing twice and re-emits the
+    /// current states).
     pub async fn run(
         self: Arc<Self>,
         consumer: Arc<GroupConsumer>,
@@ -238,7 +272,7 @@ impl Pipeline {
         self.health.running.store(true, Ordering::Relaxed);
         info!(projections = self.projections.len(), "Processor consuming.");
         let unpublished = Arc::new(Unpublished::default());
-        let (applied_tx, mut applied_rx) = tokio::sync::mpsc::channel::<AppliedBatch>(1);
+        let (applied_tx, mut applied_rx) = mpsc::channel::<AppliedBatch>(1);
         let publish_stage = {
             let (this, consumer, shutdown, unpublished) = (
                 self.clone(),
@@ -256,31 +290,51 @@ impl Pipeline {
                 }
             })
         };
-        while let Some(batch) =
+        let mut lanes = Vec::with_capacity(SHARDS);
+        let mut lane_results = Vec::with_capacity(SHARDS);
+        for _ in 0..SHARDS {
+            let (job_tx, job_rx) = mpsc::channel::<LaneJob>(LANE_QUEUE);
+            let (result_tx, result_rx) = mpsc::channel::<LaneResult>(LANE_QUEUE);
+            tokio::spawn(self.clone().lane(job_rx, result_tx, shutdown.clone()));
+            lanes.push(job_tx);
+            lane_results.push(result_rx);
+        }
+        let (planned_tx, planned_rx) = mpsc::channel::<PlannedBatch>(LANE_QUEUE);
+        let collect_stage = tokio::spawn(self.clone().collect(
+            planned_rx,
+            lane_results,
+            applied_tx,
+            unpublished.clone(),
+        ));
+        'batches: while let Some(batch) =
             next_batch(&consumer, self.batch_size, self.batch_wait, &shutdown).await
         {
             self.metrics.consumed(batch.len() as u64);
-            let Some(applied) = self.apply(batch, &unpublished, &shutdown).await else {
-                break; // shutdown while retrying
-            };
-            if applied_tx.send(applied).await.is_err() {
-                break; // the publish stage stopped on shutdown
+            let (planned, jobs) = self.plan_batch(batch, &unpublished);
+            if planned_tx.send(planned).await.is_err() {
+                break; // the collector stopped on shutdown
+            }
+            for (lane, job) in lanes.iter().zip(jobs) {
+                if lane.send(job).await.is_err() {
+                    break 'batches; // a lane stopped on shutdown
+                }
             }
         }
-        drop(applied_tx);
-        if let Err(e) = publish_stage.await {
-            warn!(error = %e, "Publish stage failed.");
+        drop((lanes, planned_tx));
+        for (name, stage) in [("Collect", collect_stage), ("Publish", publish_stage)] {
+            if let Err(e) = stage.await {
+                warn!(stage = name, error = %e, "Stage failed.");
+            }
         }
         info!("Processor stopping: committing offsets.");
         commit_and_leave(consumer).await;
         Ok(())
     }
 
-    /// Runs `attempt` until it succeeds, pausing `stage` with a growing
-    /// backoff in between; None if shutdown came first.
+    /// Runs `attempt` until it succeeds, marked as paused and with a
+    /// growing backoff in between; None if shutdown came first.
     async fn until_ok<T, F, Fut>(
         &self,
-        stage: Stage,
         shutdown: &CancellationToken,
         mut attempt: F,
     ) -> Option<T>
@@ -289,12 +343,13 @@ impl Pipeline {
         Fut: std::future::Future<Output = Result<T, (&'static str, String)>>,
     {
         let mut backoff = Duration::from_millis(100);
+        let mut paused = None;
         let value = loop {
             match attempt().await {
                 Ok(v) => break v,
                 Err((dependency, e)) => {
                     self.metrics.retry(dependency);
-                    self.health.pause(stage);
+                    paused.get_or_insert_with(|| self.health.pause());
                     self.metrics.set_paused(true);
                     warn!(dependency, error = %e, backoff_ms = backoff.as_millis() as u64, "Transient failure; retrying batch.");
                     tokio::select! {
@@ -305,7 +360,8 @@ impl Pipeline {
                 }
             }
         };
-        if self.health.resume(stage) {
+        if let Some(paused) = paused {
+            drop(paused);
             self.metrics.set_paused(self.health.is_paused());
             if !self.health.is_paused() {
                 info!("Dependencies back; resumed.");
@@ -314,16 +370,15 @@ impl Pipeline {
         Some(value)
     }
 
-    /// Plans a batch and applies it to Redis, retrying until it succeeds;
-    /// None if shutdown came first.
-    async fn apply(
+    /// Plans a batch, registers the entities it updates and splits its
+    /// updates into one job per apply lane.
+    fn plan_batch(
         &self,
         batch: Vec<Record>,
         unpublished: &Unpublished,
-        shutdown: &CancellationToken,
-    ) -> Option<AppliedBatch> {
+    ) -> (PlannedBatch, Vec<LaneJob>) {
         let started = Instant::now();
-        let plan = plan(self.projections.iter(), &batch);
+        let plan = Arc::new(plan(self.projections.iter(), &batch));
         for _ in 0..plan.unmatched {
             self.metrics.unmatched();
         }
@@ -332,50 +387,115 @@ impl Pipeline {
         // them (this batch publishes every entity it updates, duplicates
         // too, after the earlier batch).
         let mut distinct = HashSet::new();
-        let entities: Vec<EntityId> = plan
-            .updates
-            .iter()
-            .filter(|(u, _, _)| distinct.insert((u.projection.as_str(), u.key.as_str())))
-            .map(|(u, _, _)| (u.projection.clone(), u.key.clone()))
-            .collect();
+        let mut positions = vec![Vec::new(); SHARDS];
+        let mut entities: Vec<EntityId> = Vec::new();
+        for (i, (u, _, _)) in plan.updates.iter().enumerate() {
+            positions[shard_of(&u.projection, &u.key)].push(i);
+            if distinct.insert((u.projection.as_str(), u.key.as_str())) {
+                entities.push((u.projection.clone(), u.key.clone()));
+            }
+        }
         drop(distinct);
         unpublished.add(&entities);
         let spans = BatchSpans::live(&batch);
-        let refs: Vec<_> = plan
-            .updates
-            .iter()
-            .map(|(u, id, _)| (u, id.as_str()))
-            .collect();
         let apply_spans = spans.phase(Phase::Apply);
-        let results = self
-            .until_ok(Stage::Apply, shutdown, || async {
-                self.store
-                    .apply_batch(&refs, Target::Live)
-                    .await
-                    .map_err(|e| ("redis", e.to_string()))
+        let jobs = positions
+            .into_iter()
+            .map(|positions| LaneJob {
+                plan: plan.clone(),
+                positions,
             })
-            .await;
-        let Some(results) = results else {
-            unpublished.remove(&entities);
-            return None;
+            .collect();
+        let planned = PlannedBatch {
+            batch,
+            plan,
+            entities,
+            spans,
+            apply_spans,
+            started,
         };
-        drop(apply_spans);
-        drop(refs);
-        // One changelog record per entity per batch: its state after the
-        // batch (apply results come back in order, so the last one wins).
-        // Compaction keeps only the latest per key anyway, and this divides
-        // the changelog writes by the events per entity per batch.
-        let changelog_spans = spans.phase(Phase::Changelog);
+        (planned, jobs)
+    }
+
+    /// One apply lane: applies its part of each batch, in batch order,
+    /// retrying until it succeeds; stops on shutdown while retrying.
+    async fn lane(
+        self: Arc<Self>,
+        mut jobs: mpsc::Receiver<LaneJob>,
+        results: mpsc::Sender<LaneResult>,
+        shutdown: CancellationToken,
+    ) {
+        while let Some(job) = jobs.recv().await {
+            let refs: Vec<_> = job
+                .positions
+                .iter()
+                .map(|&i| {
+                    let (u, id, _) = &job.plan.updates[i];
+                    (u, id.as_str())
+                })
+                .collect();
+            let applied = self
+                .until_ok(&shutdown, || async {
+                    self.store
+                        .apply_shard(&refs, Target::Live)
+                        .await
+                        .map_err(|e| ("redis", e.to_string()))
+                })
+                .await;
+            drop(refs);
+            let stop = applied.is_none();
+            let result = applied.map(|applied| (job.positions, applied));
+            if results.send(result).await.is_err() || stop {
+                return;
+            }
+        }
+    }
+
+    /// Joins each batch's lane results, in batch order, into the states
+    /// its changelog publishes, and hands it to the publish stage.
+    async fn collect(
+        self: Arc<Self>,
+        mut planned: mpsc::Receiver<PlannedBatch>,
+        mut lanes: Vec<mpsc::Receiver<LaneResult>>,
+        applied_tx: mpsc::Sender<AppliedBatch>,
+        unpublished: Arc<Unpublished>,
+    ) {
+        while let Some(p) = planned.recv().await {
+            let mut results: Vec<Option<Applied>> = vec![None; p.plan.updates.len()];
+            for lane in &mut lanes {
+                let Some(Some((positions, applied))) = lane.recv().await else {
+                    unpublished.remove(&p.entities);
+                    return; // shutdown while retrying
+                };
+                for (i, a) in positions.into_iter().zip(applied) {
+                    results[i] = Some(a);
+                }
+            }
+            let applied = self.states(p, results);
+            if applied_tx.send(applied).await.is_err() {
+                return; // the publish stage stopped on shutdown
+            }
+        }
+    }
+
+    /// One changelog record per entity per batch: its state after the
+    /// batch (apply results come back in order, so the last one wins).
+    /// Compaction keeps only the latest per key anyway, and this divides
+    /// the changelog writes by the events per entity per batch.
+    fn states(&self, p: PlannedBatch, results: Vec<Option<Applied>>) -> AppliedBatch {
+        drop(p.apply_spans);
+        let changelog_spans = p.spans.phase(Phase::Changelog);
         let mut states = Vec::with_capacity(results.len());
         let mut slot: HashMap<(&str, &str), usize> = HashMap::new();
-        for (res, (up, _, idx)) in results.into_iter().zip(&plan.updates) {
+        for (res, (up, _, idx)) in results.into_iter().zip(&p.plan.updates) {
+            let res = res.expect("every update is in one lane");
             self.metrics.applied(&up.projection, res.applied);
             let Some(state) = res.state else {
                 continue; // a later update of the same entity carries it
             };
             // Duplicates re-emit the current state too: if a previous run
             // died between apply and changelog, this is the delivery.
-            let traceparent = spans.traceparent(&changelog_spans, &batch, *idx);
+            let traceparent = p.spans.traceparent(&changelog_spans, &p.batch, *idx);
             match slot.get(&(up.projection.as_str(), up.key.as_str())) {
                 Some(&i) => states[i] = (state, traceparent),
                 None => {
@@ -385,14 +505,14 @@ impl Pipeline {
             }
         }
         drop(slot);
-        Some(AppliedBatch {
-            entities,
-            batch,
-            plan,
+        AppliedBatch {
+            entities: p.entities,
+            batch: p.batch,
+            plan: p.plan,
             states,
             changelog_spans,
-            started,
-        })
+            started: p.started,
+        }
     }
 
     /// Publishes an applied batch's changelog records and dead letters,
@@ -408,7 +528,7 @@ impl Pipeline {
             std::process::exit(86);
         }
         let published = self
-            .until_ok(Stage::Publish, shutdown, || async {
+            .until_ok(shutdown, || async {
                 self.publish_states(&applied.states, unpublished).await?;
                 self.dead_letters(applied).await
             })
@@ -659,15 +779,14 @@ mod tests {
     }
 
     #[test]
-    fn health_is_paused_while_any_stage_retries() {
+    fn health_is_paused_while_any_loop_retries() {
         let h = Health::default();
         assert!(!h.is_paused());
-        h.pause(Stage::Apply);
-        h.pause(Stage::Publish);
-        assert!(h.resume(Stage::Apply));
+        let lane = h.pause();
+        let publish = h.pause();
+        drop(lane);
         assert!(h.is_paused(), "publish still retrying");
-        assert!(!h.resume(Stage::Apply), "was not paused any more");
-        assert!(h.resume(Stage::Publish));
+        drop(publish);
         assert!(!h.is_paused());
     }
 }

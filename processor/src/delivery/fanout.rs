@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use super::metrics::DeliveryMetrics;
 use super::queue::{NewJob, Queue};
 use super::subscription::{Subscription, SubscriptionCache, SubscriptionStore};
-use crate::consume::{self, Health, Stage};
+use crate::consume::{self, Health};
 
 /// The fan-out loop's parts.
 pub struct Fanout {
@@ -87,6 +87,7 @@ impl Fanout {
                 .max()
                 .unwrap_or(0);
             let mut backoff = Duration::from_millis(100);
+            let mut paused = None;
             loop {
                 match self.enqueue(&events, newest).await {
                     Ok(n) => {
@@ -97,7 +98,7 @@ impl Fanout {
                         break;
                     }
                     Err(e) => {
-                        self.health.pause(Stage::Apply);
+                        paused.get_or_insert_with(|| self.health.pause());
                         self.metrics.set_paused(true);
                         warn!(error = %e, "Redis unavailable; fan-out paused, retrying.");
                         tokio::select! {
@@ -111,7 +112,8 @@ impl Fanout {
                     }
                 }
             }
-            if self.health.resume(Stage::Apply) {
+            if let Some(paused) = paused {
+                drop(paused);
                 self.metrics.set_paused(false);
                 info!("Redis back; fan-out resumed.");
             }

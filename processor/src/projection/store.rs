@@ -61,7 +61,8 @@ const CHUNK_ARGS: usize = 8_000;
 /// A batch is split by entity into this many shards applied concurrently,
 /// so the processor folds one shard while Redis works on another. Shards
 /// share no entity, so they never lose a compare-and-set to each other.
-const SHARDS: usize = 4;
+/// The live consumer runs one apply lane per shard (see `crate::consume`).
+pub const SHARDS: usize = 4;
 
 /// Batches smaller than this are applied as one shard.
 const MIN_SHARDED: usize = 256;
@@ -279,8 +280,9 @@ impl Store {
             .collect())
     }
 
-    /// Applies updates that share no entity with any other shard.
-    async fn apply_shard(
+    /// Applies updates that share no entity with any other apply running
+    /// meanwhile in this process (one shard of [`shard_of`]), in one go.
+    pub async fn apply_shard(
         &self,
         updates: &[(&Update, &str)],
         target: Target,
@@ -745,8 +747,8 @@ fn entity_hash_key(version_prefix: &str, key: &str) -> String {
     k
 }
 
-/// The shard of an entity.
-fn shard_of(projection: &str, key: &str) -> usize {
+/// The shard of an entity, below [`SHARDS`].
+pub fn shard_of(projection: &str, key: &str) -> usize {
     use std::hash::Hasher;
     let mut h = std::hash::DefaultHasher::new();
     h.write(projection.as_bytes());
