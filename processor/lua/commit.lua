@@ -9,7 +9,9 @@
 -- ARGV[3] = "1": live apply, check the pointers; "": a rebuild's own version
 -- ARGV[4] = current version as read; ARGV[5] = building version as read or ""
 -- ARGV[6] = now (unix seconds); ARGV[7] = when the markers' bucket expires
--- ARGV[8] = number of marker sets S, then S pairs: bucket set key, bucket
+-- ARGV[8] = the projection's write counter; ARGV[9] = this writer's own
+--   write counter (see `WriteCounts` in src/projection/store.rs)
+-- ARGV[10] = number of marker sets S, then S pairs: bucket set key, bucket
 --   index key (a sorted set: bucket key -> its expiry; see seen.lua)
 -- then groups, each: entity hash key, expected `~rev` ("0" = absent), marker
 --   set number (1..S), marker count, the event ids, field count, then field,
@@ -31,12 +33,18 @@ if ARGV[3] == '1' then
   end
 end
 
+-- Both counters move with every call that may write, in the same atomic
+-- step: a reader of both can tell whether anyone else wrote since.
+redis.call('INCR', ARGV[8])
+redis.call('INCR', ARGV[9])
+redis.call('EXPIRE', ARGV[9], 86400)
+
 local now, expiry = tonumber(ARGV[6]), tonumber(ARGV[7])
-local sets = tonumber(ARGV[8])
+local sets = tonumber(ARGV[10])
 local marked = {}
 for s = 1, sets do marked[s] = {} end
 local result = {}
-local a = 9 + 2 * sets
+local a = 11 + 2 * sets
 while a <= #ARGV do
   local key, expected = ARGV[a], ARGV[a + 1]
   local set = tonumber(ARGV[a + 2])
@@ -70,7 +78,7 @@ end
 for s = 1, sets do
   local ids = marked[s]
   if #ids > 0 then
-    local bucket, index = ARGV[7 + 2 * s], ARGV[8 + 2 * s]
+    local bucket, index = ARGV[9 + 2 * s], ARGV[10 + 2 * s]
     for first = 1, #ids, 1000 do
       redis.call('SADD', bucket, unpack(ids, first, math.min(first + 999, #ids)))
     end

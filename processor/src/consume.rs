@@ -24,7 +24,9 @@ use crate::changelog::Publisher;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::projection::spec::ProjectionSpec;
-use crate::projection::store::{shard_of, Applied, EntityState, Store, Target, SHARDS};
+use crate::projection::store::{
+    shard_of, Applied, EntityState, Store, Target, WriteCounts, SHARDS,
+};
 use crate::spans::{BatchSpans, Phase};
 
 /// Shared health flags for `/readyz`.
@@ -190,6 +192,8 @@ struct AppliedBatch {
     /// The state of each entity the batch changed (its last update's), with
     /// the `traceparent` for its changelog record.
     states: Vec<(EntityState, Option<Vec<u8>>)>,
+    /// Per projection, its write counters at the batch's earliest read.
+    since: Vec<(String, WriteCounts)>,
     /// The records' `hooklog.changelog` spans: they end with the publish.
     changelog_spans: Vec<tracing::Span>,
     started: Instant,
@@ -333,11 +337,7 @@ impl Pipeline {
 
     /// Runs `attempt` until it succeeds, marked as paused and with a
     /// growing backoff in between; None if shutdown came first.
-    async fn until_ok<T, F, Fut>(
-        &self,
-        shutdown: &CancellationToken,
-        mut attempt: F,
-    ) -> Option<T>
+    async fn until_ok<T, F, Fut>(&self, shutdown: &CancellationToken, mut attempt: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, (&'static str, String)>>,
@@ -486,10 +486,16 @@ impl Pipeline {
         drop(p.apply_spans);
         let changelog_spans = p.spans.phase(Phase::Changelog);
         let mut states = Vec::with_capacity(results.len());
+        let mut since: Vec<(String, WriteCounts)> = Vec::new();
         let mut slot: HashMap<(&str, &str), usize> = HashMap::new();
         for (res, (up, _, idx)) in results.into_iter().zip(&p.plan.updates) {
             let res = res.expect("every update is in one lane");
             self.metrics.applied(&up.projection, res.applied);
+            match since.iter_mut().find(|(p, _)| *p == up.projection) {
+                Some((_, earliest)) if earliest.total > res.since.total => *earliest = res.since,
+                Some(_) => {}
+                None => since.push((up.projection.clone(), res.since)),
+            }
             let Some(state) = res.state else {
                 continue; // a later update of the same entity carries it
             };
@@ -510,6 +516,7 @@ impl Pipeline {
             batch: p.batch,
             plan: p.plan,
             states,
+            since,
             changelog_spans,
             started: p.started,
         }
@@ -529,7 +536,7 @@ impl Pipeline {
         }
         let published = self
             .until_ok(shutdown, || async {
-                self.publish_states(&applied.states, unpublished).await?;
+                self.publish_states(applied, unpublished).await?;
                 self.dead_letters(applied).await
             })
             .await;
@@ -581,26 +588,36 @@ impl Pipeline {
     /// process already changed is left to that batch, which publishes and
     /// checks after this one. A crash before the check leaves the batch
     /// uncommitted, and its redelivery re-emits the current state.
+    ///
+    /// Mostly nobody else writes: a single processor, or replicas whose
+    /// entities do not overlap. So the write counters are checked first
+    /// (one round trip); only the projections someone else wrote to since
+    /// the batch read them are checked entity by entity.
     async fn publish_states(
         &self,
-        states: &[(EntityState, Option<Vec<u8>>)],
+        applied: &AppliedBatch,
         unpublished: &Unpublished,
     ) -> Result<(), (&'static str, String)> {
-        let mut changed = self.publish_and_check(states, unpublished).await?;
+        let mut changed = self
+            .publish_and_check(&applied.states, &applied.since, unpublished)
+            .await?;
         for _ in 1..10 {
             if changed.is_empty() {
                 break;
             }
-            changed = self.publish_and_check(&changed, unpublished).await?;
+            // Read after the batch's counters: checked entity by entity.
+            changed = self.publish_and_check(&changed, &[], unpublished).await?;
         }
         Ok(())
     }
 
     /// Publishes `states`; returns the current states of the entities that
     /// changed since and that no later batch of this process will publish.
+    /// `since`: write counters when the states were read, per projection.
     async fn publish_and_check(
         &self,
         states: &[(EntityState, Option<Vec<u8>>)],
+        since: &[(String, WriteCounts)],
         unpublished: &Unpublished,
     ) -> Result<Vec<(EntityState, Option<Vec<u8>>)>, (&'static str, String)> {
         if states.is_empty() {
@@ -610,15 +627,36 @@ impl Pipeline {
             .states(states)
             .await
             .map_err(|e| ("kafka", e.to_string()))?;
+        // In a projection nobody else wrote to since, whatever changed was
+        // changed by this process's later batches, which publish it.
+        let quiet = if since.is_empty() {
+            Vec::new()
+        } else {
+            let since: Vec<_> = since.iter().map(|(p, c)| (p.as_str(), *c)).collect();
+            self.store
+                .written_only_by_us_since(&since)
+                .await
+                .map_err(|e| ("redis", e.to_string()))?
+        };
+        let is_quiet = |s: &EntityState| {
+            since
+                .iter()
+                .zip(&quiet)
+                .any(|((p, _), current)| *p == s.projection && *current == Some(s.version))
+        };
+        let to_check: Vec<_> = states.iter().filter(|(s, _)| !is_quiet(s)).collect();
+        if to_check.is_empty() {
+            return Ok(Vec::new());
+        }
         // Cheap check first (version and `~rev`), full reads only for the
         // entities that changed since.
         let revs = self
             .store
-            .revisions(&entity_keys(states))
+            .revisions(&entity_keys(to_check.iter().copied()))
             .await
             .map_err(|e| ("redis", e.to_string()))?;
-        let moved: Vec<_> = states
-            .iter()
+        let moved: Vec<_> = to_check
+            .into_iter()
             .zip(revs)
             .filter(|((s, _), now)| (s.version, s.rev) != *now)
             .map(|(state, _)| state)

@@ -313,6 +313,56 @@ async fn concurrent_writers_on_one_entity_count_each_event_once() {
     assert_eq!(d["state"]["total"].as_f64(), Some(1600.0));
 }
 
+/// The write counters let the publish stage skip re-reading what it
+/// published: after a batch's read, only our own later writes leave the
+/// projection "written only by us"; one write by another store does not.
+#[tokio::test]
+async fn write_counters_tell_our_later_writes_from_another_writers() {
+    let prefix = unique("e2e:counts:");
+    let url = shared_stack().redis_url.clone();
+    let spec = spec_with_status(1);
+    let ours = Store::connect(&url, &prefix, 600).await.unwrap();
+    let theirs = Store::connect(&url, &prefix, 600).await.unwrap();
+    let apply = |store: &Store, ids: std::ops::Range<usize>, order: &str| {
+        let updates = order_updates(&spec, order, ids);
+        let store = store.clone();
+        async move {
+            let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
+            store.apply_batch(&refs, Target::Live).await.unwrap()
+        }
+    };
+    let first = apply(&ours, 0..3, "ORD-A").await;
+    let since = first[0].since;
+    assert!(
+        first.iter().all(|a| a.since == since),
+        "one read, one snapshot"
+    );
+    let read_at = [("orders", since)];
+    let quiet = || ours.written_only_by_us_since(&read_at);
+    assert_eq!(quiet().await.unwrap(), vec![Some(1)], "nothing since");
+    apply(&ours, 3..6, "ORD-B").await;
+    assert_eq!(quiet().await.unwrap(), vec![Some(1)], "our own later batch");
+    apply(&theirs, 6..9, "ORD-C").await;
+    assert_eq!(quiet().await.unwrap(), vec![None], "another writer's batch");
+    // Seen from the other store, our first batch was someone else's.
+    let their_read = apply(&theirs, 9..10, "ORD-C").await[0].since;
+    assert_eq!(
+        theirs
+            .written_only_by_us_since(&[("orders", their_read)])
+            .await
+            .unwrap(),
+        vec![Some(1)]
+    );
+    apply(&ours, 10..11, "ORD-A").await;
+    assert_eq!(
+        theirs
+            .written_only_by_us_since(&[("orders", their_read)])
+            .await
+            .unwrap(),
+        vec![None]
+    );
+}
+
 /// Updates of one order entity for the given event ids (amount 2 each).
 fn order_updates(
     spec: &ProjectionSpec,

@@ -10,6 +10,8 @@
 //! | `P{NAME}:v<N>:e:<entity key>` | entity hash: fields (JSON text), `~c:<f>` clocks (only where not `~updated`; see [`super::fold`]), `~r:<f>` ranks, `~updated`, `~rev` |
 //! | `P{NAME}:v<N>:seen:<bucket start>` | set of the event ids applied in that time bucket, expiring `dedup_window_secs` after the bucket ends |
 //! | `P{NAME}:v<N>:seen` | index of the live buckets (sorted set: bucket key → expiry) |
+//! | `P{NAME}:writes` | commit calls by anyone (see [`WriteCounts`]) |
+//! | `P{NAME}:writes:<writer>` | commit calls by one process, expiring a day after its last |
 //!
 //! [`Store::apply_batch`] reads every entity a batch touches and which of the
 //! batch's events were applied (`lua/seen.lua`) in one pipeline, folds the
@@ -159,6 +161,42 @@ pub struct Applied {
     /// changelog needs); reading and shipping every intermediate state was
     /// most of the apply's cost.
     pub state: Option<EntityState>,
+    /// The projection's write counters when the entity was read.
+    pub since: WriteCounts,
+}
+
+/// A projection's write counters: commit calls by anyone, and by this
+/// process. `lua/commit.lua` bumps both in the same atomic step as its
+/// writes, and they are always read together, this process's first. If
+/// both moved by the same amount between two reads, nobody else wrote any
+/// entity of the projection in between: whatever changed since the
+/// first read, this process changed itself. The publish stage uses this to
+/// skip re-reading each entity it published (see `crate::consume`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteCounts {
+    /// Commit calls by anyone.
+    pub total: u64,
+    /// Commit calls by this process.
+    pub own: u64,
+}
+
+impl WriteCounts {
+    /// From the two counters as read (absent = 0), this process's first.
+    fn read(own: Option<u64>, total: Option<u64>) -> Self {
+        Self {
+            total: total.unwrap_or(0),
+            own: own.unwrap_or(0),
+        }
+    }
+
+    /// True when nobody but this process wrote between `earlier` and these
+    /// counts. A counter that went back (Redis lost data; this process's
+    /// counter expired) answers false.
+    pub fn only_ours_since(&self, earlier: &WriteCounts) -> bool {
+        self.total >= earlier.total
+            && self.own >= earlier.own
+            && self.total - earlier.total == self.own - earlier.own
+    }
 }
 
 /// Redis access for projections.
@@ -169,6 +207,8 @@ pub struct Store {
     window_secs: u64,
     script: Script,
     seen_script: Script,
+    /// Names this process's own write counter.
+    writer: String,
 }
 
 impl Store {
@@ -189,6 +229,7 @@ impl Store {
             window_secs,
             script: Script::new(COMMIT_LUA),
             seen_script: Script::new(SEEN_LUA),
+            writer: format!("{:016x}", rand::random::<u64>()),
         };
         store.load_script().await?;
         Ok(store)
@@ -217,6 +258,12 @@ impl Store {
     /// Key of the building-version pointer.
     pub fn building_key(&self, projection: &str) -> String {
         format!("{}:building", self.base(projection))
+    }
+
+    /// Keys of a projection's write counters: (this process's, anyone's).
+    fn write_count_keys(&self, projection: &str) -> (String, String) {
+        let total = format!("{}:writes", self.base(projection));
+        (format!("{total}:{}", self.writer), total)
     }
 
     /// Prefix of every key of one version.
@@ -308,6 +355,7 @@ impl Store {
         let mut conn = self.conn.clone();
         let mut applied = vec![false; updates.len()];
         let mut states: Vec<Option<EntityState>> = vec![None; updates.len()];
+        let mut since = vec![WriteCounts::default(); updates.len()];
         // The last update of each entity carries its state (live only).
         let mut last_of_entity = HashMap::new();
         for (i, (up, _)) in updates.iter().enumerate() {
@@ -334,7 +382,7 @@ impl Store {
             let versions = self.versions(&mut conn, &pending, target).await?;
             let now = unix_now();
             let (bucket, expiry) = marker_bucket(now, self.window_secs);
-            let reads = self
+            let (counts, reads) = self
                 .read_for_fold(&mut conn, updates, &pending, &versions, now)
                 .await?;
             let mut pipe = redis::pipe();
@@ -360,6 +408,7 @@ impl Store {
                     .iter()
                     .position(|(p, _)| p == projection)
                     .expect("pending")];
+                let (own_writes, writes) = self.write_count_keys(projection);
                 let cmd = pipe
                     .cmd("EVALSHA")
                     .arg(self.script.get_hash())
@@ -371,6 +420,8 @@ impl Store {
                     .arg(version.get(1).map(u64::to_string).unwrap_or_default())
                     .arg(now)
                     .arg(expiry)
+                    .arg(writes)
+                    .arg(own_writes)
                     .arg(version.len());
                 for &v in version {
                     let index = self.seen_index(projection, v);
@@ -392,6 +443,10 @@ impl Store {
             };
             let mut retry: HashMap<&str, BTreeSet<usize>> = HashMap::new();
             for ((projection, groups), reply) in calls.iter().zip(replies) {
+                let read_at = counts[pending
+                    .iter()
+                    .position(|(p, _)| p == projection)
+                    .expect("pending")];
                 let flags: Vec<i64> = match reply {
                     redis::Value::Int(_) => vec![1; groups.len()],
                     other => redis::from_redis_value(&other)?,
@@ -406,6 +461,7 @@ impl Store {
                     if g.version_index == 0 {
                         for (&i, &a) in g.updates.iter().zip(&g.applied) {
                             applied[i] |= a;
+                            since[i] = read_at;
                         }
                         let last = g.updates.last().copied();
                         let wanted = last.filter(|i| {
@@ -441,7 +497,12 @@ impl Store {
         Ok(applied
             .into_iter()
             .zip(states)
-            .map(|(applied, state)| Applied { applied, state })
+            .zip(since)
+            .map(|((applied, state), since)| Applied {
+                applied,
+                state,
+                since,
+            })
             .collect())
     }
 
@@ -472,8 +533,10 @@ impl Store {
             .collect())
     }
 
-    /// One round trip: every entity the updates touch (HGETALL) and which of
-    /// their events each version has already applied (`lua/seen.lua`).
+    /// One round trip: each projection's write counters (first: whatever
+    /// changed an entity after they were read moved them), every entity the
+    /// updates touch (HGETALL) and which of their events each version has
+    /// already applied (`lua/seen.lua`).
     async fn read_for_fold<'a>(
         &self,
         conn: &mut ConnectionManager,
@@ -481,8 +544,12 @@ impl Store {
         pending: &[(&str, Vec<usize>)],
         versions: &[Vec<u64>],
         now: u64,
-    ) -> Result<Vec<Vec<VersionRead<'a>>>, RedisError> {
+    ) -> Result<(Vec<WriteCounts>, Vec<Vec<VersionRead<'a>>>), RedisError> {
         let mut pipe = redis::pipe();
+        for (projection, _) in pending {
+            let (own, total) = self.write_count_keys(projection);
+            pipe.get(own).get(total);
+        }
         let mut shape = Vec::new();
         for ((projection, idx), versions) in pending.iter().zip(versions) {
             let mut entities: Vec<&str> = idx.iter().map(|&i| updates[i].0.key.as_str()).collect();
@@ -512,6 +579,12 @@ impl Store {
             .query_async::<Vec<redis::Value>>(conn)
             .await?
             .into_iter();
+        let mut counts = Vec::with_capacity(pending.len());
+        for _ in pending {
+            let own = redis::from_redis_value(&replies.next().expect("reply"))?;
+            let total = redis::from_redis_value(&replies.next().expect("reply"))?;
+            counts.push(WriteCounts::read(own, total));
+        }
         let mut out = Vec::new();
         for ((entities, ids), versions) in shape.into_iter().zip(versions) {
             let mut per_version = Vec::new();
@@ -539,7 +612,7 @@ impl Store {
             }
             out.push(per_version);
         }
-        Ok(out)
+        Ok((counts, out))
     }
 
     /// Folds one projection's updates into its entities, per version.
@@ -673,6 +746,30 @@ impl Store {
                 })
                 .collect(),
         ))
+    }
+
+    /// For each (projection, counts when read): its current version if
+    /// nobody but this process wrote to it since, else None. One round trip.
+    pub async fn written_only_by_us_since(
+        &self,
+        since: &[(&str, WriteCounts)],
+    ) -> Result<Vec<Option<u64>>, RedisError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for (projection, _) in since {
+            let (own, total) = self.write_count_keys(projection);
+            pipe.get(own).get(total).get(self.current_key(projection));
+        }
+        let raw: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        Ok(since
+            .iter()
+            .zip(raw.chunks(3))
+            .map(|((_, earlier), now)| {
+                WriteCounts::read(now[0], now[1])
+                    .only_ours_since(earlier)
+                    .then(|| now[2].unwrap_or(1))
+            })
+            .collect())
     }
 
     /// The current (version, `~rev`) of many entities in two round trips:
@@ -852,6 +949,20 @@ fn json_option(out: &mut Vec<u8>, s: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_counts_tell_whether_anyone_else_wrote() {
+        let at = |total, own| WriteCounts { total, own };
+        let read = at(100, 40);
+        assert!(at(100, 40).only_ours_since(&read), "nobody wrote");
+        assert!(at(103, 43).only_ours_since(&read), "only we did");
+        assert!(!at(104, 43).only_ours_since(&read), "someone else did once");
+        assert!(!at(101, 40).only_ours_since(&read));
+        // Counters that went back: Redis lost data, or ours expired.
+        assert!(!at(99, 40).only_ours_since(&read));
+        assert!(!at(103, 2).only_ours_since(&read));
+        assert_eq!(WriteCounts::read(None, None), at(0, 0));
+    }
 
     #[test]
     fn lost_race_backoff_grows_and_is_capped() {
