@@ -228,6 +228,18 @@ impl Service {
             .ok()
     }
 
+    /// CPU time (user + system) the process has used so far, in seconds,
+    /// from /proc (in clock ticks of 1/100 s, as on every Linux here).
+    pub fn cpu_secs(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
+        // Fields after the parenthesised command name: utime is the 12th,
+        // stime the 13th.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(ticks as f64 / 100.0)
+    }
+
     /// Sends a signal (e.g. `-TERM`) without waiting.
     pub fn send_signal(&self, sig: &str) {
         let pidfile = self.cwd.join("pid");

@@ -362,6 +362,7 @@ async fn main() {
             .collect()
     };
     kafka::produce_all(&producer, &penv.topic("stripe"), &preload(records, "a")).await;
+    let redis_before = redis_cpu(&stack.redis_url).await;
     let mut processor = penv.processor();
     let proc_time = wait_applied(
         &penv.processor_url(),
@@ -370,6 +371,12 @@ async fn main() {
     )
     .await;
     let proc_rss = processor.peak_rss_kib().unwrap_or(0);
+    let proc_cpu = processor.cpu_secs().unwrap_or(0.0);
+    let redis_after = redis_cpu(&stack.redis_url).await;
+    let (redis_main, redis_forks) = (
+        redis_after.0 - redis_before.0,
+        redis_after.1 - redis_before.1,
+    );
     // Where the processor's time went: batches, and how long each took from
     // its plan and Redis apply to its last changelog ack (two stages: the
     // next batch is applied while one waits for its acks).
@@ -386,11 +393,18 @@ async fn main() {
         &[],
     )
     .await;
+    // And where the CPU went: on these 2 cores the processor, Redis and
+    // Redis's forked AOF rewrites (invisible in Redis's own process) share
+    // what the machine has.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let secs = proc_time.as_secs_f64();
     let diagnosis = format!(
-        "{batches:.0} batches of {:.0} records on average, each {:.0} ms on average from its Redis apply to its last changelog ack (the next batch is applied meanwhile); the run took {:.1} s",
+        "{batches:.0} batches of {:.0} records on average, each {:.0} ms on average from its plan to its last changelog ack (apply lanes start on the next batches meanwhile); the run took {secs:.1} s. CPU over the run: processor {proc_cpu:.1} s, Redis {redis_main:.1} s (busy {:.0} % of the run; its commands are single-threaded), Redis's AOF rewrites {redis_forks:.1} s; {:.1} of the {:.1} CPU-seconds {cores} cores offer, with Tansu and the load generator besides",
         records as f64 / batches.max(1.0),
         1000.0 * apply_secs / batches.max(1.0),
-        proc_time.as_secs_f64()
+        100.0 * redis_main / secs,
+        proc_cpu + redis_main + redis_forks,
+        secs * cores as f64,
     );
     println!("processor: {diagnosis}");
     let proc_rate = records as f64 / proc_time.as_secs_f64();
@@ -544,7 +558,7 @@ async fn main() {
         "ingest": {"rps": hooklog.rps, "p50_ms": hooklog.p50_ms, "p99_ms": hooklog.p99_ms, "p999_ms": hooklog.p999_ms, "non_2xx": hooklog.non_2xx, "peak_rss_kib": ingest_rss},
         "bare_axum_rps": bare.rps, "producer_msgs_per_s": producer_rps,
         "seed_style": seed.as_ref().map(|s| json!({"rps": s.rps, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "non_2xx": s.non_2xx})),
-        "processor": {"events_per_s": proc_rate, "batch_size": batch_size, "batch1_events_per_s": naive_rate, "peak_rss_kib": proc_rss, "records": records},
+        "processor": {"events_per_s": proc_rate, "batch_size": batch_size, "batch1_events_per_s": naive_rate, "peak_rss_kib": proc_rss, "records": records, "cpu_s": proc_cpu, "redis_cpu_s": redis_main, "redis_fork_cpu_s": redis_forks},
         "rebuild_events_per_s": rebuild_rate,
         "rebuild": {"replayed": replayed, "replay_s": replay_secs, "command_s": rebuild_wall},
     });
@@ -555,6 +569,30 @@ async fn main() {
         serde_json::to_string_pretty(&raw).unwrap(),
     )
     .unwrap();
+}
+
+/// Redis's CPU seconds so far, from `INFO cpu`: its own process's, and its
+/// forked children's (AOF rewrites).
+async fn redis_cpu(url: &str) -> (f64, f64) {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO cpu");
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        field("used_cpu_user") + field("used_cpu_sys"),
+        field("used_cpu_user_children") + field("used_cpu_sys_children"),
+    )
 }
 
 /// Records replayed and replay seconds from the rebuild command's summary
