@@ -379,9 +379,7 @@ impl Pipeline {
     ) -> (PlannedBatch, Vec<LaneJob>) {
         let started = Instant::now();
         let plan = Arc::new(plan(self.projections.iter(), &batch));
-        for _ in 0..plan.unmatched {
-            self.metrics.unmatched();
-        }
+        self.metrics.unmatched(plan.unmatched as u64);
         // Registered before the apply: an earlier batch's changelog check
         // then leaves these entities to this batch as soon as it may write
         // them (this batch publishes every entity it updates, duplicates
@@ -486,15 +484,29 @@ impl Pipeline {
         drop(p.apply_spans);
         let changelog_spans = p.spans.phase(Phase::Changelog);
         let mut states = Vec::with_capacity(results.len());
-        let mut since: Vec<(String, WriteCounts)> = Vec::new();
+        // Per projection: its write counters at the batch's earliest read,
+        // and how many updates were applied and how many were duplicates
+        // (added to the metrics once per batch, not with a label lookup
+        // and its allocation per update).
+        let mut per_projection: Vec<(&str, WriteCounts, u64, u64)> = Vec::new();
         let mut slot: HashMap<(&str, &str), usize> = HashMap::new();
         for (res, (up, _, idx)) in results.into_iter().zip(&p.plan.updates) {
             let res = res.expect("every update is in one lane");
-            self.metrics.applied(&up.projection, res.applied);
-            match since.iter_mut().find(|(p, _)| *p == up.projection) {
-                Some((_, earliest)) if earliest.total > res.since.total => *earliest = res.since,
-                Some(_) => {}
-                None => since.push((up.projection.clone(), res.since)),
+            let i = match per_projection.iter().position(|t| t.0 == up.projection) {
+                Some(i) => i,
+                None => {
+                    per_projection.push((&up.projection, res.since, 0, 0));
+                    per_projection.len() - 1
+                }
+            };
+            let tally = &mut per_projection[i];
+            if tally.1.total > res.since.total {
+                tally.1 = res.since;
+            }
+            if res.applied {
+                tally.2 += 1;
+            } else {
+                tally.3 += 1;
             }
             let Some(state) = res.state else {
                 continue; // a later update of the same entity carries it
@@ -511,6 +523,11 @@ impl Pipeline {
             }
         }
         drop(slot);
+        let mut since = Vec::with_capacity(per_projection.len());
+        for (projection, earliest, applied, duplicates) in per_projection {
+            self.metrics.applied(projection, applied, duplicates);
+            since.push((projection.to_owned(), earliest));
+        }
         AppliedBatch {
             entities: p.entities,
             batch: p.batch,

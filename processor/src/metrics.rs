@@ -118,20 +118,22 @@ impl Metrics {
     pub fn consumed(&self, n: u64) {
         self.consumed.inc_by(n);
     }
-    /// An apply result.
-    pub fn applied(&self, projection: &str, first_time: bool) {
+    /// A batch's apply results for one projection: updates applied for the
+    /// first time, and duplicates.
+    pub fn applied(&self, projection: &str, applied: u64, duplicates: u64) {
         let l = ProjectionLabels {
             projection: projection.into(),
         };
-        if first_time {
-            self.applied.get_or_create(&l).inc();
-        } else {
-            self.duplicates.get_or_create(&l).inc();
+        if applied > 0 {
+            self.applied.get_or_create(&l).inc_by(applied);
+        }
+        if duplicates > 0 {
+            self.duplicates.get_or_create(&l).inc_by(duplicates);
         }
     }
-    /// An event matching no projection.
-    pub fn unmatched(&self) {
-        self.skipped.inc();
+    /// Events matching no projection.
+    pub fn unmatched(&self, n: u64) {
+        self.skipped.inc_by(n);
     }
     /// A record dead-lettered.
     pub fn dead_lettered(&self, reason: &'static str) {
