@@ -183,6 +183,35 @@ struct LaneJob {
 /// it stopped on shutdown while retrying.
 type LaneResult = Option<(Vec<usize>, Vec<Applied>)>;
 
+/// One projection's apply results in a batch.
+struct Tally {
+    /// The write counters at the earliest read.
+    since: WriteCounts,
+    applied: u64,
+    duplicates: u64,
+}
+
+impl Tally {
+    fn new(since: WriteCounts) -> Self {
+        Self {
+            since,
+            applied: 0,
+            duplicates: 0,
+        }
+    }
+
+    fn add(&mut self, res: &Applied) {
+        if res.since.total < self.since.total {
+            self.since = res.since;
+        }
+        if res.applied {
+            self.applied += 1;
+        } else {
+            self.duplicates += 1;
+        }
+    }
+}
+
 /// A batch applied to Redis, on its way to the publish stage.
 struct AppliedBatch {
     batch: Vec<Record>,
@@ -485,29 +514,20 @@ impl Pipeline {
         let changelog_spans = p.spans.phase(Phase::Changelog);
         let mut states = Vec::with_capacity(results.len());
         // Per projection: its write counters at the batch's earliest read,
-        // and how many updates were applied and how many were duplicates
-        // (added to the metrics once per batch, not with a label lookup
-        // and its allocation per update).
-        let mut per_projection: Vec<(&str, WriteCounts, u64, u64)> = Vec::new();
+        // and its applied and duplicate updates (added to the metrics once
+        // per batch, not with a label lookup and its allocation per update).
+        let mut tallies: Vec<(&str, Tally)> = Vec::new();
         let mut slot: HashMap<(&str, &str), usize> = HashMap::new();
         for (res, (up, _, idx)) in results.into_iter().zip(&p.plan.updates) {
             let res = res.expect("every update is in one lane");
-            let i = match per_projection.iter().position(|t| t.0 == up.projection) {
+            let i = match tallies.iter().position(|(p, _)| *p == up.projection) {
                 Some(i) => i,
                 None => {
-                    per_projection.push((&up.projection, res.since, 0, 0));
-                    per_projection.len() - 1
+                    tallies.push((&up.projection, Tally::new(res.since)));
+                    tallies.len() - 1
                 }
             };
-            let tally = &mut per_projection[i];
-            if tally.1.total > res.since.total {
-                tally.1 = res.since;
-            }
-            if res.applied {
-                tally.2 += 1;
-            } else {
-                tally.3 += 1;
-            }
+            tallies[i].1.add(&res);
             let Some(state) = res.state else {
                 continue; // a later update of the same entity carries it
             };
@@ -523,10 +543,10 @@ impl Pipeline {
             }
         }
         drop(slot);
-        let mut since = Vec::with_capacity(per_projection.len());
-        for (projection, earliest, applied, duplicates) in per_projection {
-            self.metrics.applied(projection, applied, duplicates);
-            since.push((projection.to_owned(), earliest));
+        let mut since = Vec::with_capacity(tallies.len());
+        for (projection, t) in tallies {
+            self.metrics.applied(projection, t.applied, t.duplicates);
+            since.push((projection.to_owned(), t.since));
         }
         AppliedBatch {
             entities: p.entities,
@@ -606,8 +626,8 @@ impl Pipeline {
     /// checks after this one. A crash before the check leaves the batch
     /// uncommitted, and its redelivery re-emits the current state.
     ///
-    /// Mostly nobody else writes: a single processor, or replicas whose
-    /// entities do not overlap. So the write counters are checked first
+    /// Mostly nobody else writes: a single processor, or a projection only
+    /// one replica's events reach. So the write counters are checked first
     /// (one round trip); only the projections someone else wrote to since
     /// the batch read them are checked entity by entity.
     async fn publish_states(
@@ -831,6 +851,22 @@ mod tests {
         assert!(!u.later_batch_has(&state("orders", "B")));
         u.remove(&second);
         assert!(u.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_tally_keeps_the_earliest_read_and_counts_duplicates_apart() {
+        let at = |total, own| WriteCounts { total, own };
+        let result = |applied, since| Applied {
+            applied,
+            state: None,
+            since,
+        };
+        let mut t = Tally::new(at(10, 4));
+        t.add(&result(true, at(10, 4)));
+        t.add(&result(true, at(7, 2))); // another lane read earlier
+        t.add(&result(false, at(12, 5)));
+        assert_eq!(t.since, at(7, 2));
+        assert_eq!((t.applied, t.duplicates), (2, 1));
     }
 
     #[test]
