@@ -363,6 +363,44 @@ async fn write_counters_tell_our_later_writes_from_another_writers() {
     );
 }
 
+/// Events of entities a version does not have skip the marker lookup; a
+/// redelivery, once their entities exist, is still recognised, whether the
+/// events arrive alone or together with new ones.
+#[tokio::test]
+async fn redeliveries_of_events_that_created_their_entities_apply_nothing() {
+    let prefix = unique("e2e:new:");
+    let url = shared_stack().redis_url.clone();
+    let spec = spec_with_status(1);
+    let store = Store::connect(&url, &prefix, 600).await.unwrap();
+    let mut updates = Vec::new();
+    for order in 0..20 {
+        updates.extend(order_updates(
+            &spec,
+            &format!("ORD-N{order}"),
+            order..order + 1,
+        ));
+    }
+    let apply = |updates: Vec<(hooklog_processor::projection::spec::Update, String)>| {
+        let store = store.clone();
+        async move {
+            let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
+            store.apply_batch(&refs, Target::Live).await.unwrap()
+        }
+    };
+    let first = apply(updates.clone()).await;
+    assert!(first.iter().all(|a| a.applied), "all new");
+    let again = apply(updates.clone()).await;
+    assert!(again.iter().all(|a| !a.applied), "all redelivered");
+    // Mixed with events of a new entity in one batch.
+    let mut mixed = updates[..5].to_vec();
+    mixed.extend(order_updates(&spec, "ORD-N99", 99..100));
+    let mixed = apply(mixed).await;
+    assert!(mixed[..5].iter().all(|a| !a.applied));
+    assert!(mixed[5].applied);
+    let s = store.read("orders", "ORD-N3", None).await.unwrap().unwrap();
+    assert_eq!(s.document()["state"]["events"].as_i64(), Some(1));
+}
+
 /// Updates of one order entity for the given event ids (amount 2 each).
 fn order_updates(
     spec: &ProjectionSpec,

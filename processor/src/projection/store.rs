@@ -13,8 +13,8 @@
 //! | `P{NAME}:writes` | commit calls by anyone (see [`WriteCounts`]) |
 //! | `P{NAME}:writes:<writer>` | commit calls by one process, expiring a day after its last |
 //!
-//! [`Store::apply_batch`] reads every entity a batch touches and which of the
-//! batch's events were applied (`lua/seen.lua`) in one pipeline, folds the
+//! [`Store::apply_batch`] reads every entity a batch touches, then which of
+//! the events of the entities that exist were applied (`lua/seen.lua`), folds the
 //! new events per entity in memory ([`super::fold`]) and writes each entity
 //! with `lua/commit.lua`, a compare-and-set on its `~rev` that adds the
 //! events to the current bucket in the same atomic step; an entity someone
@@ -533,10 +533,15 @@ impl Store {
             .collect())
     }
 
-    /// One round trip: each projection's write counters (first: whatever
-    /// changed an entity after they were read moved them), every entity the
-    /// updates touch (HGETALL) and which of their events each version has
-    /// already applied (`lua/seen.lua`).
+    /// Two round trips. First each projection's write counters (first:
+    /// whatever changed an entity after they were read moved them) and every
+    /// entity the updates touch (HGETALL). Then which of the events of the
+    /// entities that exist each version has already applied
+    /// (`lua/seen.lua`): applying an event writes its entity and its marker
+    /// in one atomic step (`lua/commit.lua`), and an event updates one
+    /// entity per projection, so a version without the entity has no marker
+    /// of its events either. In a backlog most entities are new (a charge
+    /// per event), and their events need no check.
     async fn read_for_fold<'a>(
         &self,
         conn: &mut ConnectionManager,
@@ -550,30 +555,18 @@ impl Store {
             let (own, total) = self.write_count_keys(projection);
             pipe.get(own).get(total);
         }
-        let mut shape = Vec::new();
+        let mut entity_lists = Vec::new();
         for ((projection, idx), versions) in pending.iter().zip(versions) {
             let mut entities: Vec<&str> = idx.iter().map(|&i| updates[i].0.key.as_str()).collect();
             entities.sort_unstable();
             entities.dedup();
-            let mut ids: Vec<&str> = idx.iter().map(|&i| updates[i].1).collect();
-            ids.sort_unstable();
-            ids.dedup();
             for &v in versions {
                 let base = self.version_prefix(projection, v);
                 for e in &entities {
                     pipe.cmd("HGETALL").arg(entity_hash_key(&base, e));
                 }
-                let index = self.seen_index(projection, v);
-                for chunk in ids.chunks(SEEN_CHUNK) {
-                    pipe.cmd("EVALSHA")
-                        .arg(self.seen_script.get_hash())
-                        .arg(0)
-                        .arg(&index)
-                        .arg(now)
-                        .arg(chunk);
-                }
             }
-            shape.push((entities, ids));
+            entity_lists.push(entities);
         }
         let mut replies: std::vec::IntoIter<redis::Value> = pipe
             .query_async::<Vec<redis::Value>>(conn)
@@ -585,32 +578,72 @@ impl Store {
             let total = redis::from_redis_value(&replies.next().expect("reply"))?;
             counts.push(WriteCounts::read(own, total));
         }
-        let mut out = Vec::new();
-        for ((entities, ids), versions) in shape.into_iter().zip(versions) {
-            let mut per_version = Vec::new();
+        let mut out = Vec::with_capacity(pending.len());
+        for (entities, versions) in entity_lists.into_iter().zip(versions) {
+            let mut per_version = Vec::with_capacity(versions.len());
             for _ in versions {
                 let mut found = HashMap::new();
                 for e in &entities {
                     let fields: Fields = redis::from_redis_value(&replies.next().expect("reply"))?;
                     found.insert(*e, fields);
                 }
-                let mut seen = HashSet::new();
-                for chunk in ids.chunks(SEEN_CHUNK) {
-                    let flags: Vec<u8> = redis::from_redis_value(&replies.next().expect("reply"))?;
-                    seen.extend(
-                        chunk
-                            .iter()
-                            .zip(flags)
-                            .filter(|(_, f)| *f == 1)
-                            .map(|(id, _)| *id),
-                    );
-                }
                 per_version.push(VersionRead {
                     entities: found,
-                    seen,
+                    seen: HashSet::new(),
                 });
             }
             out.push(per_version);
+        }
+
+        let mut pipe = redis::pipe();
+        // (projection's position in `pending`, version's position, the ids
+        // asked about).
+        let mut asked = Vec::new();
+        for (p, ((projection, idx), versions)) in pending.iter().zip(versions).enumerate() {
+            for (vi, &v) in versions.iter().enumerate() {
+                let entities = &out[p][vi].entities;
+                let mut ids: Vec<&str> = idx
+                    .iter()
+                    .map(|&i| updates[i])
+                    .filter(|(up, _)| entities.get(up.key.as_str()).is_some_and(|f| !f.is_empty()))
+                    .map(|(_, id)| id)
+                    .collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                ids.sort_unstable();
+                ids.dedup();
+                let index = self.seen_index(projection, v);
+                for chunk in ids.chunks(SEEN_CHUNK) {
+                    pipe.cmd("EVALSHA")
+                        .arg(self.seen_script.get_hash())
+                        .arg(0)
+                        .arg(&index)
+                        .arg(now)
+                        .arg(chunk);
+                }
+                asked.push((p, vi, ids));
+            }
+        }
+        if asked.is_empty() {
+            return Ok((counts, out));
+        }
+        let mut replies: std::vec::IntoIter<redis::Value> = pipe
+            .query_async::<Vec<redis::Value>>(conn)
+            .await?
+            .into_iter();
+        for (p, vi, ids) in asked {
+            let seen = &mut out[p][vi].seen;
+            for chunk in ids.chunks(SEEN_CHUNK) {
+                let flags: Vec<u8> = redis::from_redis_value(&replies.next().expect("reply"))?;
+                seen.extend(
+                    chunk
+                        .iter()
+                        .zip(flags)
+                        .filter(|(_, f)| *f == 1)
+                        .map(|(id, _)| *id),
+                );
+            }
         }
         Ok((counts, out))
     }
