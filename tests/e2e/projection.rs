@@ -5,8 +5,8 @@
 //! delivery in one call give the same state too.
 
 use hooklog_e2e::{shared_stack, unique};
-use hooklog_processor::projection::spec::ProjectionSpec;
-use hooklog_processor::projection::store::{Store, Target};
+use hooklog_processor::projection::spec::{ProjectionSpec, Update};
+use hooklog_processor::projection::store::{Applied, Store, Target};
 use hooklog_schemas::WebhookEvent;
 use proptest::prelude::*;
 
@@ -70,8 +70,7 @@ async fn apply_all(store: &Store, events: &[(usize, Ev)], batch: usize) -> serde
                 .unwrap();
             updates.push((update, event.event_id));
         }
-        let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
-        store.apply_batch(&refs, Target::Live).await.unwrap();
+        apply_live(store, &updates).await;
     }
     let s = store.read("orders", "ORD-P", None).await.unwrap().unwrap();
     let d = s.document();
@@ -133,8 +132,7 @@ async fn a_batch_spanning_several_script_calls_applies_each_event_once() {
     let spec = spec_with_status(1);
     // 1,100 updates: events 0..1000, then 0..100 again (redeliveries).
     let updates = order_updates(&spec, "ORD-C", (0..1000).chain(0..100));
-    let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
-    let results = store.apply_batch(&refs, Target::Live).await.unwrap();
+    let results = apply_live(&store, &updates).await;
     assert_eq!(results.len(), 1100);
     assert!(results[..1000].iter().all(|r| r.applied));
     assert!(results[1000..].iter().all(|r| !r.applied));
@@ -231,14 +229,12 @@ async fn markers_survive_a_window_change_and_expire_with_their_bucket() {
     let spec = spec_with_status(1);
     let first = Store::connect(&url, &prefix, 600).await.unwrap();
     let updates = order_updates(&spec, "ORD-W", 0..2500);
-    let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
-    let results = first.apply_batch(&refs, Target::Live).await.unwrap();
+    let results = apply_live(&first, &updates).await;
     assert!(results.iter().all(|r| r.applied));
 
     let second = Store::connect(&url, &prefix, 7 * 86_400).await.unwrap();
     let again = order_updates(&spec, "ORD-W", (0..2500).step_by(7).chain(2500..2510));
-    let refs: Vec<_> = again.iter().map(|(u, id)| (u, id.as_str())).collect();
-    let results = second.apply_batch(&refs, Target::Live).await.unwrap();
+    let results = apply_live(&second, &again).await;
     let applied = results.iter().filter(|r| r.applied).count();
     assert_eq!(applied, 10, "only the 10 new ids apply");
     let s = second.read("orders", "ORD-W", None).await.unwrap().unwrap();
@@ -298,8 +294,7 @@ async fn concurrent_writers_on_one_entity_count_each_event_once() {
                 let start = w * 200 + b * 5;
                 let ids = (start..start + 5).chain(std::iter::once((start + 200) % 800));
                 let updates = order_updates(&spec, "ORD-R", ids);
-                let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
-                store.apply_batch(&refs, Target::Live).await.unwrap();
+                apply_live(&store, &updates).await;
             }
         }));
     }
@@ -323,13 +318,9 @@ async fn write_counters_tell_our_later_writes_from_another_writers() {
     let spec = spec_with_status(1);
     let ours = Store::connect(&url, &prefix, 600).await.unwrap();
     let theirs = Store::connect(&url, &prefix, 600).await.unwrap();
-    let apply = |store: &Store, ids: std::ops::Range<usize>, order: &str| {
+    let apply = |store, ids, order| {
         let updates = order_updates(&spec, order, ids);
-        let store = store.clone();
-        async move {
-            let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
-            store.apply_batch(&refs, Target::Live).await.unwrap()
-        }
+        async move { apply_live(store, &updates).await }
     };
     let first = apply(&ours, 0..3, "ORD-A").await;
     let since = first[0].since;
@@ -380,25 +371,24 @@ async fn redeliveries_of_events_that_created_their_entities_apply_nothing() {
             order..order + 1,
         ));
     }
-    let apply = |updates: Vec<(hooklog_processor::projection::spec::Update, String)>| {
-        let store = store.clone();
-        async move {
-            let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
-            store.apply_batch(&refs, Target::Live).await.unwrap()
-        }
-    };
-    let first = apply(updates.clone()).await;
+    let first = apply_live(&store, &updates).await;
     assert!(first.iter().all(|a| a.applied), "all new");
-    let again = apply(updates.clone()).await;
+    let again = apply_live(&store, &updates).await;
     assert!(again.iter().all(|a| !a.applied), "all redelivered");
     // Mixed with events of a new entity in one batch.
     let mut mixed = updates[..5].to_vec();
     mixed.extend(order_updates(&spec, "ORD-N99", 99..100));
-    let mixed = apply(mixed).await;
+    let mixed = apply_live(&store, &mixed).await;
     assert!(mixed[..5].iter().all(|a| !a.applied));
     assert!(mixed[5].applied);
     let s = store.read("orders", "ORD-N3", None).await.unwrap().unwrap();
     assert_eq!(s.document()["state"]["events"].as_i64(), Some(1));
+}
+
+/// Applies updates (with their event ids) to the live version in one batch.
+async fn apply_live(store: &Store, updates: &[(Update, String)]) -> Vec<Applied> {
+    let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
+    store.apply_batch(&refs, Target::Live).await.unwrap()
 }
 
 /// Updates of one order entity for the given event ids (amount 2 each).
@@ -406,7 +396,7 @@ fn order_updates(
     spec: &ProjectionSpec,
     order: &str,
     ids: impl Iterator<Item = usize>,
-) -> Vec<(hooklog_processor::projection::spec::Update, String)> {
+) -> Vec<(Update, String)> {
     let mut updates = Vec::new();
     for id in ids {
         let body = serde_json::json!({"order_id": order, "at": 1_740_000_000 + id, "carrier": "A", "amount": 2});
