@@ -11,11 +11,12 @@
 -- ARGV[6] = now (unix seconds); ARGV[7] = when the markers' bucket expires
 -- ARGV[8] = the projection's write counter; ARGV[9] = this writer's own
 --   write counter (see `WriteCounts` in src/projection/store.rs)
--- ARGV[10] = number of marker sets S, then S pairs: bucket set key, bucket
---   index key (a sorted set: bucket key -> its expiry; see seen.lua)
+-- ARGV[10] = number of marker sets S (one per version written), then S
+--   triples: bucket set key, bucket index key (a sorted set: bucket key ->
+--   its expiry; see seen.lua), the version's stripe counter key prefix
 -- then groups, each: entity hash key, expected `~rev` ("0" = absent), marker
---   set number (1..S), marker count, the event ids, field count, then field,
---   value pairs (the new `~rev` among them)
+--   set number (1..S), the entity's write stripe, marker count, the event
+--   ids, field count, then field, value pairs (the new `~rev` among them)
 -- Returns -1 when a rebuild switched versions since the read (nothing
 -- written), else one flag per group: 0 written, 1 changed meanwhile (not
 -- written; the processor re-reads and folds it again).
@@ -44,12 +45,15 @@ local sets = tonumber(ARGV[10])
 local marked = {}
 for s = 1, sets do marked[s] = {} end
 local result = {}
-local a = 11 + 2 * sets
+-- The stripe counters this call bumps: each once, whatever its writes.
+local stripes = {}
+local a = 11 + 3 * sets
 while a <= #ARGV do
   local key, expected = ARGV[a], ARGV[a + 1]
   local set = tonumber(ARGV[a + 2])
-  local markers = tonumber(ARGV[a + 3])
-  local first_marker = a + 4
+  local stripe = ARGV[a + 3]
+  local markers = tonumber(ARGV[a + 4])
+  local first_marker = a + 5
   local nfields = tonumber(ARGV[first_marker + markers])
   local first_field = first_marker + markers + 1
   local next_group = first_field + 2 * nfields
@@ -61,6 +65,7 @@ while a <= #ARGV do
     if nfields > 0 then
       redis.call('HSET', key, unpack(ARGV, first_field, next_group - 1))
     end
+    stripes[ARGV[10 + 3 * set] .. stripe] = true
     result[#result + 1] = 0
   else
     result[#result + 1] = 1
@@ -75,10 +80,16 @@ local function expire_at_least(key)
     redis.call('EXPIREAT', key, expiry)
   end
 end
+-- Every write of an entity bumps its stripe's counter: a watched apply
+-- (`commit_watched` in src/projection/store.rs) that read the entity
+-- before this write then does not run.
+for stripe in pairs(stripes) do
+  redis.call('INCR', stripe)
+end
 for s = 1, sets do
   local ids = marked[s]
   if #ids > 0 then
-    local bucket, index = ARGV[9 + 2 * s], ARGV[10 + 2 * s]
+    local bucket, index = ARGV[8 + 3 * s], ARGV[9 + 3 * s]
     for first = 1, #ids, 1000 do
       redis.call('SADD', bucket, unpack(ids, first, math.min(first + 999, #ids)))
     end

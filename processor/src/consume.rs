@@ -417,7 +417,7 @@ impl Pipeline {
         let mut positions = vec![Vec::new(); SHARDS];
         let mut entities: Vec<EntityId> = Vec::new();
         for (i, (u, _, _)) in plan.updates.iter().enumerate() {
-            positions[shard_of(&u.projection, &u.key)].push(i);
+            positions[shard_of(&u.key)].push(i);
             if distinct.insert((u.projection.as_str(), u.key.as_str())) {
                 entities.push((u.projection.clone(), u.key.clone()));
             }

@@ -6,7 +6,7 @@
 
 use hooklog_e2e::{shared_stack, unique};
 use hooklog_processor::projection::spec::{ProjectionSpec, Update};
-use hooklog_processor::projection::store::{Applied, Store, Target};
+use hooklog_processor::projection::store::{stripe_of, Applied, Store, Target};
 use hooklog_schemas::WebhookEvent;
 use proptest::prelude::*;
 
@@ -123,16 +123,28 @@ proptest! {
 
 /// A batch larger than one script call (500 updates) with duplicates across
 /// the chunk boundary: each distinct event counts once, every update gets its
-/// own verdict, and the state comes back for the entity's last update.
+/// own verdict, and the state comes back for the entity's last update. The
+/// same through the watched transaction and through the script.
 #[tokio::test]
 async fn a_batch_spanning_several_script_calls_applies_each_event_once() {
-    let store = Store::connect(&shared_stack().redis_url, &unique("e2e:chunk:"), 600)
-        .await
-        .unwrap();
+    for scripted in [false, true] {
+        let store = Store::connect(&shared_stack().redis_url, &unique("e2e:chunk:"), 600)
+            .await
+            .unwrap();
+        let store = if scripted {
+            store.scripted_only()
+        } else {
+            store
+        };
+        one_entity_batch_with_redeliveries(&store).await;
+    }
+}
+
+async fn one_entity_batch_with_redeliveries(store: &Store) {
     let spec = spec_with_status(1);
     // 1,100 updates: events 0..1000, then 0..100 again (redeliveries).
     let updates = order_updates(&spec, "ORD-C", (0..1000).chain(0..100));
-    let results = apply_live(&store, &updates).await;
+    let results = apply_live(store, &updates).await;
     assert_eq!(results.len(), 1100);
     assert!(results[..1000].iter().all(|r| r.applied));
     assert!(results[1000..].iter().all(|r| !r.applied));
@@ -150,12 +162,26 @@ async fn a_batch_spanning_several_script_calls_applies_each_event_once() {
     assert_eq!(d["state"]["total"].as_f64(), Some(2000.0));
     assert_eq!(d["last_event_id"].as_str(), Some("evt-999"));
     assert_eq!(results[1099].state.as_ref(), Some(&s));
+    // Either way the write bumped the entity's stripe counter, once: what
+    // a watched commit that read the entity before would see.
+    let stripe = format!(
+        "{}:stripe:{}",
+        store.version_prefix("orders", 1),
+        stripe_of("ORD-C")
+    );
+    let bumps: Option<u64> = redis::cmd("GET")
+        .arg(&stripe)
+        .query_async(&mut store.connection())
+        .await
+        .unwrap();
+    assert_eq!(bumps, Some(1), "{stripe}");
 }
 
 /// A large batch over many entities is applied in concurrent shards: every
 /// update keeps its own verdict in batch order, each entity's last update
 /// carries its state, and the states equal applying the same events one
-/// entity at a time.
+/// entity at a time (through the script, the batch through watched
+/// transactions).
 #[tokio::test]
 async fn a_sharded_batch_matches_applying_entity_by_entity() {
     let spec = spec_with_status(2);
@@ -184,7 +210,8 @@ async fn a_sharded_batch_matches_applying_entity_by_entity() {
     assert!(results[1200..].iter().all(|r| !r.applied));
     let one_by_one = Store::connect(&url, &unique("e2e:shard:"), 600)
         .await
-        .unwrap();
+        .unwrap()
+        .scripted_only();
     for order in 0..60 {
         let key = format!("ORD-S{order}");
         // The entity's last update in the batch carries its state.
@@ -277,7 +304,9 @@ async fn markers_survive_a_window_change_and_expire_with_their_bucket() {
 
 /// Four writers hammer one entity at once (as replicas sharing a customer
 /// do): every lost compare-and-set is re-read and folded again, so each
-/// distinct event counts exactly once.
+/// distinct event counts exactly once. The watched commits (the first try
+/// of each apply) lose to each other and to the script's writes, which
+/// retry them: both ways of writing meet on one entity here.
 #[tokio::test]
 async fn concurrent_writers_on_one_entity_count_each_event_once() {
     let prefix = unique("e2e:race:");
@@ -296,11 +325,17 @@ async fn concurrent_writers_on_one_entity_count_each_event_once() {
                 let updates = order_updates(&spec, "ORD-R", ids);
                 apply_live(&store, &updates).await;
             }
+            store.lost_watches()
         }));
     }
+    let mut lost = 0;
     for t in tasks {
-        t.await.unwrap();
+        lost += t.await.unwrap();
     }
+    assert!(
+        lost > 0,
+        "no watched commit lost a race: the test raced nothing"
+    );
     let store = Store::connect(&url, &prefix, 600).await.unwrap();
     let s = store.read("orders", "ORD-R", None).await.unwrap().unwrap();
     let d = s.document();

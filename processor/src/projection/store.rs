@@ -10,21 +10,26 @@
 //! | `P{NAME}:v<N>:e:<entity key>` | entity hash: fields (JSON text), `~c:<f>` clocks (only where not `~updated`; see [`super::fold`]), `~r:<f>` ranks, `~updated`, `~rev` |
 //! | `P{NAME}:v<N>:seen:<bucket start>` | set of the event ids applied in that time bucket, expiring `dedup_window_secs` after the bucket ends |
 //! | `P{NAME}:v<N>:seen` | index of the live buckets (sorted set: bucket key → expiry) |
+//! | `P{NAME}:v<N>:stripe:<S>` | bumped by every write of an entity of write stripe `S` (see [`STRIPES`]) |
 //! | `P{NAME}:writes` | commit calls by anyone (see [`WriteCounts`]) |
 //! | `P{NAME}:writes:<writer>` | commit calls by one process, expiring a day after its last |
 //!
 //! [`Store::apply_batch`] reads every entity a batch touches, then which of
 //! the events of the entities that exist were applied (`lua/seen.lua`), folds the
-//! new events per entity in memory ([`super::fold`]) and writes each entity
-//! with `lua/commit.lua`, a compare-and-set on its `~rev` that adds the
-//! events to the current bucket in the same atomic step; an entity someone
-//! else changed meanwhile is read and folded again.
+//! new events per entity in memory ([`super::fold`]) and writes the entities
+//! and the events' markers in one atomic step: first as a transaction that
+//! runs only if nobody wrote in the entities' stripes since the read
+//! (`WATCH` on the stripe counters, then `MULTI` … `EXEC`); if someone did,
+//! with `lua/commit.lua`, a compare-and-set on each entity's `~rev`, where an
+//! entity someone else changed meanwhile is read and folded again.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::{AsyncCommands, ErrorKind, RedisError, Script};
 use serde_json::Value;
 
@@ -33,6 +38,7 @@ use super::spec::Update;
 
 const COMMIT_LUA: &str = include_str!("../../lua/commit.lua");
 const SEEN_LUA: &str = include_str!("../../lua/seen.lua");
+const MARKERS_LUA: &str = include_str!("../../lua/markers.lua");
 
 /// Event ids per `seen.lua` call (its `unpack` must stay under Lua's 8,000
 /// C stack slots).
@@ -66,6 +72,15 @@ const CHUNK_ARGS: usize = 8_000;
 /// The live consumer runs one apply lane per shard (see `crate::consume`).
 pub const SHARDS: usize = 4;
 
+/// The entities of a projection version are spread over this many write
+/// stripes by [`stripe_of`], each with a counter
+/// (`P{NAME}:v<N>:stripe:<S>`) that every write of one of its entities
+/// bumps in the same atomic step, so a watched apply (see
+/// `Store::commit_watched`) watches a few counters instead of thousands of
+/// entities. Part of the stored format: every process writing a projection
+/// must use the same stripes.
+pub const STRIPES: usize = 16;
+
 /// Batches smaller than this are applied as one shard.
 const MIN_SHARDED: usize = 256;
 
@@ -93,6 +108,8 @@ struct VersionRead<'a> {
 /// write needs doing (it has new events).
 struct Group<'a> {
     key: String,
+    /// The entity's write stripe (see [`stripe_of`]).
+    stripe: usize,
     version: u64,
     version_index: usize,
     expected_rev: u64,
@@ -108,13 +125,27 @@ struct Group<'a> {
 
 impl Group<'_> {
     fn args_len(&self) -> usize {
-        5 + self.markers.len() + 2 * self.changed.len()
+        6 + self.markers.len() + 2 * self.changed.len()
     }
 }
 
 /// True the first time an event id is met in this version.
 fn applied_here<'a>(seen: &mut HashSet<&'a str>, event_id: &'a str) -> bool {
     seen.insert(event_id)
+}
+
+/// What [`Store::read_for_fold`] read: the versions, the write counters
+/// and the entities with their applied events, per projection.
+type ReadForFold<'a> = (Vec<Vec<u64>>, Vec<WriteCounts>, Vec<Vec<VersionRead<'a>>>);
+
+/// The versions a live apply writes: the current one (absent = 1), then
+/// the building one if a rebuild is filling another.
+fn live_versions(current: Option<u64>, building: Option<u64>) -> Vec<u64> {
+    let current = current.unwrap_or(1);
+    match building {
+        Some(b) if b != current => vec![current, b],
+        _ => vec![current],
+    }
 }
 
 /// Which versions an apply writes to.
@@ -209,6 +240,28 @@ pub struct Store {
     seen_script: Script,
     /// Names this process's own write counter.
     writer: String,
+    /// Per projection, the versions its pointers named at the last read.
+    versions_seen: Arc<Mutex<HashMap<String, Vec<u64>>>>,
+    /// Opens the connections of [`Store::watch_connection`].
+    client: redis::Client,
+    /// Idle connections for watched applies: WATCH belongs to a
+    /// connection, so each apply in flight needs one of its own.
+    watch_pool: Arc<Mutex<Vec<MultiplexedConnection>>>,
+    /// Watched commits that did not run (someone wrote in between).
+    lost_watches: Arc<AtomicU64>,
+    /// Losses in a row, and how many applies are left to do with the
+    /// script before watching again (see [`Store::should_watch`]).
+    watch_backoff: Arc<(AtomicU64, AtomicU64)>,
+    /// Every apply goes through `lua/commit.lua` (see [`Store::scripted_only`]).
+    scripted_only: bool,
+}
+
+/// The marker bucket of an apply (see `marker_bucket`).
+#[derive(Clone, Copy)]
+struct MarkerBucket {
+    now: u64,
+    start: u64,
+    expiry: u64,
 }
 
 impl Store {
@@ -222,7 +275,7 @@ impl Store {
             .set_response_timeout(Duration::from_secs(10))
             .set_number_of_retries(2)
             .set_max_delay(1000);
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         let store = Self {
             conn,
             prefix: prefix.to_owned(),
@@ -230,6 +283,12 @@ impl Store {
             script: Script::new(COMMIT_LUA),
             seen_script: Script::new(SEEN_LUA),
             writer: format!("{:016x}", rand::random::<u64>()),
+            versions_seen: Arc::default(),
+            client,
+            watch_pool: Arc::default(),
+            lost_watches: Arc::default(),
+            watch_backoff: Arc::default(),
+            scripted_only: false,
         };
         store.load_script().await?;
         Ok(store)
@@ -305,7 +364,7 @@ impl Store {
         // Per shard: the updates' positions in the batch, and the updates.
         let mut shards: Vec<(Vec<usize>, Batch)> = vec![Default::default(); SHARDS];
         for (i, &(up, id)) in updates.iter().enumerate() {
-            let shard = &mut shards[shard_of(&up.projection, &up.key)];
+            let shard = &mut shards[shard_of(&up.key)];
             shard.0.push(i);
             shard.1.push((up, id));
         }
@@ -379,13 +438,25 @@ impl Store {
                 // while so they stop colliding in lockstep.
                 tokio::time::sleep(lost_race_backoff(round)).await;
             }
-            let versions = self.versions(&mut conn, &pending, target).await?;
             let now = unix_now();
             let (bucket, expiry) = marker_bucket(now, self.window_secs);
-            let (counts, reads) = self
-                .read_for_fold(&mut conn, updates, &pending, &versions, now)
-                .await?;
-            let mut pipe = redis::pipe();
+            // The first round reads and writes on a connection of its own,
+            // watching what it reads (see `commit_watched`); a round after a
+            // lost race uses the script, which tells the groups apart.
+            let mut watched = match round {
+                0 if self.should_watch() => Some(self.watch_connection().await?),
+                _ => None,
+            };
+            let (versions, counts, reads) = match watched.as_mut() {
+                Some(c) => {
+                    self.read_for_fold(c, updates, &pending, target, true, now)
+                        .await?
+                }
+                None => {
+                    self.read_for_fold(&mut conn, updates, &pending, target, false, now)
+                        .await?
+                }
+            };
             let mut calls = Vec::new();
             for (((projection, idx), versions), read) in pending.iter().zip(&versions).zip(reads) {
                 let groups = self.fold(updates, idx, versions, read);
@@ -403,44 +474,25 @@ impl Store {
                     calls.push((*projection, chunk));
                 }
             }
-            for (projection, groups) in &calls {
-                let version = &versions[pending
-                    .iter()
-                    .position(|(p, _)| p == projection)
-                    .expect("pending")];
-                let (own_writes, writes) = self.write_count_keys(projection);
-                let cmd = pipe
-                    .cmd("EVALSHA")
-                    .arg(self.script.get_hash())
-                    .arg(0)
-                    .arg(self.current_key(projection))
-                    .arg(self.building_key(projection))
-                    .arg(if target == Target::Live { "1" } else { "" })
-                    .arg(version[0])
-                    .arg(version.get(1).map(u64::to_string).unwrap_or_default())
-                    .arg(now)
-                    .arg(expiry)
-                    .arg(writes)
-                    .arg(own_writes)
-                    .arg(version.len());
-                for &v in version {
-                    let index = self.seen_index(projection, v);
-                    cmd.arg(format!("{index}:{bucket}")).arg(index);
-                }
-                for g in groups.iter().filter(|g| g.write) {
-                    cmd.arg(&g.key).arg(g.expected_rev).arg(g.version_index + 1);
-                    cmd.arg(g.markers.len()).arg(&g.markers);
-                    cmd.arg(g.changed.len());
-                    for f in &g.changed {
-                        cmd.arg(f).arg(&g.state[f]);
-                    }
-                }
-            }
-            let replies: Vec<redis::Value> = if calls.is_empty() {
-                Vec::new()
-            } else {
-                pipe.query_async(&mut conn).await?
+            let marks = MarkerBucket {
+                now,
+                start: bucket,
+                expiry,
             };
+            let replies = match watched.as_mut() {
+                _ if calls.is_empty() => Vec::new(),
+                Some(c) => {
+                    self.commit_watched(c, &calls, &pending, &versions, marks)
+                        .await?
+                }
+                None => {
+                    self.commit_scripted(&mut conn, &calls, &pending, &versions, target, marks)
+                        .await?
+                }
+            };
+            if let Some(c) = watched {
+                self.watch_pool.lock().expect("lock").push(c);
+            }
             let mut retry: HashMap<&str, BTreeSet<usize>> = HashMap::new();
             for ((projection, groups), reply) in calls.iter().zip(replies) {
                 let read_at = counts[pending
@@ -506,74 +558,344 @@ impl Store {
             .collect())
     }
 
-    /// The versions each projection's updates go to (current first).
-    async fn versions(
+    /// This store applies every batch with `lua/commit.lua`, never with a
+    /// watched transaction first: for servers that speak the scripts but
+    /// not `WATCH` (some proxies), and for tests of the script's path.
+    pub fn scripted_only(mut self) -> Self {
+        self.scripted_only = true;
+        self
+    }
+
+    /// How many watched commits of this store did not run because another
+    /// writer wrote in their stripes or moved their pointers meanwhile
+    /// (each was then applied with `lua/commit.lua`).
+    pub fn lost_watches(&self) -> u64 {
+        self.lost_watches.load(Ordering::Relaxed)
+    }
+
+    /// Whether this apply tries a watched commit first. A watched commit
+    /// loses whenever another writer (a replica sharing the projection)
+    /// writes in its stripes meanwhile, and a loss costs the read and the
+    /// fold. So after a loss the next apply uses the script, after two in
+    /// a row the next two, then 4, 8 … 64; one that runs ends the streak.
+    fn should_watch(&self) -> bool {
+        if self.scripted_only {
+            return false;
+        }
+        let (_, skip) = &*self.watch_backoff;
+        skip.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_err()
+    }
+
+    /// A connection for a watched apply: an idle one, or a new one. It goes
+    /// back to the pool only after a successful apply; after an error it is
+    /// dropped, since its state (watched keys, a transaction half sent) is
+    /// unknown. Unlike the shared connection manager it never reconnects
+    /// behind the apply's back, which would lose the watch.
+    async fn watch_connection(&self) -> Result<MultiplexedConnection, RedisError> {
+        if let Some(c) = self.watch_pool.lock().expect("lock").pop() {
+            return Ok(c);
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(10));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    /// Writes the folded groups in one MULTI/EXEC on the connection that
+    /// watched the pointers and entities before reading them: Redis runs it
+    /// only if none of them changed since, else runs nothing and answers
+    /// nil. The same compare-and-set as `lua/commit.lua`, for the whole
+    /// apply at once, without running a script over every field: in a
+    /// script each argument becomes a Lua string and each write a call back
+    /// into Redis, which took about half of Redis's time. Returns, per call
+    /// in `calls`, what `commit.lua` would: a flag per written group (0
+    /// written), or -1 for all of them when the transaction did not run.
+    async fn commit_watched(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut MultiplexedConnection,
+        calls: &[(&str, Vec<Group<'_>>)],
         pending: &[(&str, Vec<usize>)],
-        target: Target,
-    ) -> Result<Vec<Vec<u64>>, RedisError> {
-        if let Target::Version(v) = target {
-            return Ok(vec![vec![v]; pending.len()]);
+        versions: &[Vec<u64>],
+        marks: MarkerBucket,
+    ) -> Result<Vec<redis::Value>, RedisError> {
+        let written = |groups: &[Group]| groups.iter().filter(|g| g.write).count();
+        if calls.iter().all(|(_, groups)| written(groups) == 0) {
+            return Ok(calls
+                .iter()
+                .map(|_| redis::Value::Array(Vec::new()))
+                .collect());
         }
         let mut pipe = redis::pipe();
-        for (p, _) in pending {
-            pipe.get(self.current_key(p)).get(self.building_key(p));
-        }
-        let raw: Vec<Option<u64>> = pipe.query_async(conn).await?;
-        Ok(raw
-            .chunks(2)
-            .map(|c| {
-                let current = c[0].unwrap_or(1);
-                match c[1] {
-                    Some(b) if b != current => vec![current, b],
-                    _ => vec![current],
+        pipe.cmd("MULTI");
+        for ((projection, _), versions) in pending.iter().zip(versions) {
+            let groups: Vec<&Group> = calls
+                .iter()
+                .filter(|(p, _)| p == projection)
+                .flat_map(|(_, groups)| groups.iter().filter(|g| g.write))
+                .collect();
+            if groups.is_empty() {
+                continue;
+            }
+            let mut bumped = vec![[false; STRIPES]; versions.len()];
+            for g in &groups {
+                let hset = pipe.cmd("HSET").arg(&g.key);
+                for f in &g.changed {
+                    hset.arg(f).arg(&g.state[f]);
                 }
+                bumped[g.version_index][g.stripe] = true;
+            }
+            for (vi, &v) in versions.iter().enumerate() {
+                let base = self.version_prefix(projection, v);
+                for stripe in (0..STRIPES).filter(|&s| bumped[vi][s]) {
+                    pipe.cmd("INCR").arg(stripe_key(&base, stripe));
+                }
+                let ids: Vec<&str> = groups
+                    .iter()
+                    .filter(|g| g.version_index == vi)
+                    .flat_map(|g| g.markers.iter().copied())
+                    .collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                let index = self.seen_index(projection, v);
+                let bucket = format!("{index}:{}", marks.start);
+                pipe.cmd("SADD").arg(&bucket).arg(ids);
+                pipe.cmd("EVAL")
+                    .arg(MARKERS_LUA)
+                    .arg(0)
+                    .arg(&bucket)
+                    .arg(&index)
+                    .arg(marks.now)
+                    .arg(marks.expiry);
+            }
+            let (own_writes, writes) = self.write_count_keys(projection);
+            pipe.cmd("INCR").arg(writes);
+            pipe.cmd("INCR").arg(&own_writes);
+            pipe.cmd("EXPIRE").arg(&own_writes).arg(86400);
+        }
+        pipe.cmd("EXEC");
+        let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+        let ran = !matches!(replies.last(), Some(redis::Value::Nil) | None);
+        let (losses, skip) = &*self.watch_backoff;
+        if ran {
+            losses.store(0, Ordering::Relaxed);
+        } else {
+            self.lost_watches.fetch_add(1, Ordering::Relaxed);
+            let lost = losses.fetch_add(1, Ordering::Relaxed).min(6);
+            skip.store(1 << lost, Ordering::Relaxed);
+        }
+        Ok(calls
+            .iter()
+            .map(|(_, groups)| match ran {
+                true => redis::Value::Array(vec![redis::Value::Int(0); written(groups)]),
+                false => redis::Value::Int(-1),
             })
             .collect())
     }
 
-    /// Two round trips. First each projection's write counters (first:
-    /// whatever changed an entity after they were read moved them) and every
-    /// entity the updates touch (HGETALL). Then which of the events of the
-    /// entities that exist each version has already applied
-    /// (`lua/seen.lua`): applying an event writes its entity and its marker
-    /// in one atomic step (`lua/commit.lua`), and an event updates one
-    /// entity per projection, so a version without the entity has no marker
-    /// of its events either. In a backlog most entities are new (a charge
-    /// per event), and their events need no check.
-    async fn read_for_fold<'a>(
+    /// Writes the folded groups with `lua/commit.lua`, one call per chunk
+    /// in `calls`, each group compared and set on its own.
+    async fn commit_scripted(
         &self,
         conn: &mut ConnectionManager,
+        calls: &[(&str, Vec<Group<'_>>)],
+        pending: &[(&str, Vec<usize>)],
+        versions: &[Vec<u64>],
+        target: Target,
+        marks: MarkerBucket,
+    ) -> Result<Vec<redis::Value>, RedisError> {
+        let MarkerBucket {
+            now,
+            start: bucket,
+            expiry,
+        } = marks;
+        let mut pipe = redis::pipe();
+        for (projection, groups) in calls {
+            let version = &versions[pending
+                .iter()
+                .position(|(p, _)| p == projection)
+                .expect("pending")];
+            let (own_writes, writes) = self.write_count_keys(projection);
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(0)
+                .arg(self.current_key(projection))
+                .arg(self.building_key(projection))
+                .arg(if target == Target::Live { "1" } else { "" })
+                .arg(version[0])
+                .arg(version.get(1).map(u64::to_string).unwrap_or_default())
+                .arg(now)
+                .arg(expiry)
+                .arg(writes)
+                .arg(own_writes)
+                .arg(version.len());
+            for &v in version {
+                let index = self.seen_index(projection, v);
+                cmd.arg(format!("{index}:{bucket}")).arg(index);
+                cmd.arg(stripe_prefix(&self.version_prefix(projection, v)));
+            }
+            for g in groups.iter().filter(|g| g.write) {
+                cmd.arg(&g.key).arg(g.expected_rev).arg(g.version_index + 1);
+                cmd.arg(g.stripe);
+                cmd.arg(g.markers.len()).arg(&g.markers);
+                cmd.arg(g.changed.len());
+                for f in &g.changed {
+                    cmd.arg(f).arg(&g.state[f]);
+                }
+            }
+        }
+        pipe.query_async(conn).await
+    }
+
+    /// The versions each projection's updates go to (current first): for
+    /// a live apply, the versions last seen (see [`Store::read_for_fold`]),
+    /// else version 1 alone (the pointers' default).
+    fn guess_versions(&self, pending: &[(&str, Vec<usize>)], target: Target) -> Vec<Vec<u64>> {
+        if let Target::Version(v) = target {
+            return vec![vec![v]; pending.len()];
+        }
+        let seen = self.versions_seen.lock().expect("lock");
+        pending
+            .iter()
+            .map(|(p, _)| seen.get(*p).cloned().unwrap_or_else(|| vec![1]))
+            .collect()
+    }
+
+    /// Two round trips. First, in one pipeline: each projection's version
+    /// pointers, its write counters (whatever changed an entity after they
+    /// were read moved them) and every entity the updates touch (HGETALL),
+    /// in the versions the pointers last named. The pointers seldom move
+    /// (a rebuild starts or switches), so this saves the round trip that
+    /// would read them first; when they did move, the read is repeated in
+    /// the versions they name now. Either way the entities are read after
+    /// the pointers, and `lua/commit.lua` checks the pointers again when it
+    /// writes.
+    ///
+    /// Then which of the events of the entities that exist each version has
+    /// already applied (`lua/seen.lua`): applying an event writes its entity
+    /// and its marker in one atomic step (`lua/commit.lua`), and an event
+    /// updates one entity per projection, so a version without the entity
+    /// has no marker of its events either. In a backlog most entities are
+    /// new (a charge per event), and their events need no check.
+    async fn read_for_fold<'a>(
+        &self,
+        conn: &mut impl ConnectionLike,
+        updates: &[(&'a Update, &'a str)],
+        pending: &[(&str, Vec<usize>)],
+        target: Target,
+        watch: bool,
+        now: u64,
+    ) -> Result<ReadForFold<'a>, RedisError> {
+        let mut versions = self.guess_versions(pending, target);
+        loop {
+            let (pointers, counts, reads) = self
+                .read_entities(conn, updates, pending, &versions, target, watch)
+                .await?;
+            match pointers {
+                Some(pointers) if pointers != versions => {
+                    let mut seen = self.versions_seen.lock().expect("lock");
+                    for ((p, _), v) in pending.iter().zip(&pointers) {
+                        seen.insert((*p).to_owned(), v.clone());
+                    }
+                    versions = pointers;
+                }
+                _ => {
+                    let reads = self
+                        .read_seen(conn, updates, pending, &versions, reads, now)
+                        .await?;
+                    return Ok((versions, counts, reads));
+                }
+            }
+        }
+    }
+
+    /// The first round trip of [`Store::read_for_fold`]: the pointers (live
+    /// applies only; None for a rebuild), the counters, the entities in
+    /// `versions`. With `watch`, the pointers and entities are watched
+    /// first (see [`Store::commit_watched`]).
+    #[allow(clippy::type_complexity)]
+    async fn read_entities<'a>(
+        &self,
+        conn: &mut impl ConnectionLike,
         updates: &[(&'a Update, &'a str)],
         pending: &[(&str, Vec<usize>)],
         versions: &[Vec<u64>],
-        now: u64,
-    ) -> Result<(Vec<WriteCounts>, Vec<Vec<VersionRead<'a>>>), RedisError> {
-        let mut pipe = redis::pipe();
-        for (projection, _) in pending {
-            let (own, total) = self.write_count_keys(projection);
-            pipe.get(own).get(total);
-        }
+        target: Target,
+        watch: bool,
+    ) -> Result<
+        (
+            Option<Vec<Vec<u64>>>,
+            Vec<WriteCounts>,
+            Vec<Vec<VersionRead<'a>>>,
+        ),
+        RedisError,
+    > {
+        let live = target == Target::Live;
         let mut entity_lists = Vec::new();
+        let mut keys = Vec::new();
+        let mut stripes = Vec::new();
         for ((projection, idx), versions) in pending.iter().zip(versions) {
             let mut entities: Vec<&str> = idx.iter().map(|&i| updates[i].0.key.as_str()).collect();
             entities.sort_unstable();
             entities.dedup();
+            let mut used = [false; STRIPES];
+            for e in &entities {
+                used[stripe_of(e)] = true;
+            }
             for &v in versions {
                 let base = self.version_prefix(projection, v);
-                for e in &entities {
-                    pipe.cmd("HGETALL").arg(entity_hash_key(&base, e));
+                keys.extend(entities.iter().map(|e| entity_hash_key(&base, e)));
+                for stripe in (0..STRIPES).filter(|&s| used[s]) {
+                    stripes.push(stripe_key(&base, stripe));
                 }
             }
             entity_lists.push(entities);
+        }
+        let mut pipe = redis::pipe();
+        if watch {
+            // A connection's watched keys last until its next EXEC or
+            // UNWATCH: start from none. Every write of an entity bumps its
+            // stripe (watching the entities themselves costs Redis time
+            // quadratic in their number), and a rebuild's switch moves
+            // the pointers.
+            pipe.cmd("UNWATCH").ignore();
+            let watched = pipe.cmd("WATCH");
+            for (projection, _) in pending.iter().filter(|_| live) {
+                watched
+                    .arg(self.current_key(projection))
+                    .arg(self.building_key(projection));
+            }
+            watched.arg(&stripes).ignore();
+        }
+        for (projection, _) in pending {
+            if live {
+                pipe.get(self.current_key(projection))
+                    .get(self.building_key(projection));
+            }
+            let (own, total) = self.write_count_keys(projection);
+            pipe.get(own).get(total);
+        }
+        for key in &keys {
+            pipe.cmd("HGETALL").arg(key);
         }
         let mut replies: std::vec::IntoIter<redis::Value> = pipe
             .query_async::<Vec<redis::Value>>(conn)
             .await?
             .into_iter();
         let mut counts = Vec::with_capacity(pending.len());
+        let mut pointers = Vec::with_capacity(pending.len());
         for _ in pending {
+            if live {
+                let current: Option<u64> =
+                    redis::from_redis_value(&replies.next().expect("reply"))?;
+                let building: Option<u64> =
+                    redis::from_redis_value(&replies.next().expect("reply"))?;
+                pointers.push(live_versions(current, building));
+            }
             let own = redis::from_redis_value(&replies.next().expect("reply"))?;
             let total = redis::from_redis_value(&replies.next().expect("reply"))?;
             counts.push(WriteCounts::read(own, total));
@@ -594,7 +916,20 @@ impl Store {
             }
             out.push(per_version);
         }
+        Ok((live.then_some(pointers), counts, out))
+    }
 
+    /// The second round trip of [`Store::read_for_fold`]: which events of
+    /// the entities found each version has applied.
+    async fn read_seen<'a>(
+        &self,
+        conn: &mut impl ConnectionLike,
+        updates: &[(&'a Update, &'a str)],
+        pending: &[(&str, Vec<usize>)],
+        versions: &[Vec<u64>],
+        mut out: Vec<Vec<VersionRead<'a>>>,
+        now: u64,
+    ) -> Result<Vec<Vec<VersionRead<'a>>>, RedisError> {
         let mut pipe = redis::pipe();
         // (projection's position in `pending`, version's position, the ids
         // asked about).
@@ -626,7 +961,7 @@ impl Store {
             }
         }
         if asked.is_empty() {
-            return Ok((counts, out));
+            return Ok(out);
         }
         let mut replies: std::vec::IntoIter<redis::Value> = pipe
             .query_async::<Vec<redis::Value>>(conn)
@@ -645,7 +980,7 @@ impl Store {
                 );
             }
         }
-        Ok((counts, out))
+        Ok(out)
     }
 
     /// Folds one projection's updates into its entities, per version.
@@ -703,6 +1038,7 @@ impl Store {
                 }
                 groups.push(Group {
                     key: entity_hash_key(&base, key),
+                    stripe: stripe_of(key),
                     version,
                     version_index,
                     expected_rev,
@@ -877,14 +1213,34 @@ fn entity_hash_key(version_prefix: &str, key: &str) -> String {
     k
 }
 
-/// The shard of an entity, below [`SHARDS`].
-pub fn shard_of(projection: &str, key: &str) -> usize {
-    use std::hash::Hasher;
-    let mut h = std::hash::DefaultHasher::new();
-    h.write(projection.as_bytes());
-    h.write_u8(0xff);
-    h.write(key.as_bytes());
-    (h.finish() % SHARDS as u64) as usize
+/// The write stripe of an entity key, below [`STRIPES`]: FNV-1a of the
+/// key, which every build and process computes alike (the standard
+/// library's hasher promises no such thing).
+pub fn stripe_of(key: &str) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % STRIPES as u64) as usize
+}
+
+/// The shard of an entity, below [`SHARDS`]: its stripe's, so that two
+/// shards (two apply lanes) never share a stripe and never make each
+/// other's watched commits lose.
+pub fn shard_of(key: &str) -> usize {
+    stripe_of(key) % SHARDS
+}
+
+/// The counter of a version's write stripe: every write of one of the
+/// stripe's entities bumps it in the same atomic step.
+fn stripe_key(version_prefix: &str, stripe: usize) -> String {
+    format!("{}{stripe}", stripe_prefix(version_prefix))
+}
+
+/// What a version's stripe counter keys start with.
+fn stripe_prefix(version_prefix: &str) -> String {
+    format!("{version_prefix}:stripe:")
 }
 
 /// `<15-digit ms>|<event id>`: compares like `(time, id)`.
@@ -995,6 +1351,25 @@ mod tests {
         assert!(!at(99, 40).only_ours_since(&read));
         assert!(!at(103, 2).only_ours_since(&read));
         assert_eq!(WriteCounts::read(None, None), at(0, 0));
+    }
+
+    #[test]
+    fn stripes_are_pinned_and_each_belongs_to_one_shard() {
+        // Part of the stored format: processes of different builds must
+        // agree on every entity's stripe, so its values are pinned (FNV-1a
+        // 64 of "" is 0xcbf29ce484222325, of "a" 0xaf63dc4c8601ec8c).
+        assert_eq!(stripe_of(""), (0xcbf2_9ce4_8422_2325_u64 % 16) as usize);
+        assert_eq!(stripe_of("a"), (0xaf63_dc4c_8601_ec8c_u64 % 16) as usize);
+        let keys: Vec<String> = (0..2000).map(|i| format!("cus_{i}")).collect();
+        let mut per_stripe = [0usize; STRIPES];
+        for k in &keys {
+            per_stripe[stripe_of(k)] += 1;
+            assert_eq!(shard_of(k), stripe_of(k) % SHARDS);
+        }
+        assert!(
+            per_stripe.iter().all(|&n| n > 2000 / STRIPES / 2),
+            "spread: {per_stripe:?}"
+        );
     }
 
     #[test]
