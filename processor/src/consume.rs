@@ -548,6 +548,7 @@ impl Pipeline {
             self.metrics.applied(projection, t.applied, t.duplicates);
             since.push((projection.to_owned(), t.since));
         }
+        self.metrics.lost_watches(self.store.lost_watches());
         AppliedBatch {
             entities: p.entities,
             batch: p.batch,

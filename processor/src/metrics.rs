@@ -38,6 +38,7 @@ pub struct Metrics {
     lag: Family<PartitionLabels, Gauge<i64, AtomicI64>>,
     paused: Gauge<i64, AtomicI64>,
     batch_seconds: Histogram,
+    lost_watches: Counter,
     rebuild_records: Family<ProjectionLabels, Gauge<i64, AtomicI64>>,
 }
 
@@ -56,6 +57,7 @@ impl Default for Metrics {
             batch_seconds: Histogram::new([
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ]),
+            lost_watches: Counter::default(),
             rebuild_records: Family::default(),
             registry: Registry::default(),
         };
@@ -103,6 +105,11 @@ impl Default for Metrics {
             "apply_batch_duration_seconds",
             "Time from a batch's plan and Redis apply to its last changelog and DLQ ack (batches overlap: while one waits for acks, the next is applied)",
             m.batch_seconds.clone(),
+        );
+        registry.register(
+            "lost_watched_commits",
+            "Watched Redis transactions that did not run because another writer wrote in their stripes meanwhile; each batch shard was then written with the commit script",
+            m.lost_watches.clone(),
         );
         registry.register(
             "rebuild_records_done",
@@ -162,6 +169,13 @@ impl Metrics {
     pub fn batch(&self, secs: f64) {
         self.batch_seconds.observe(secs);
     }
+    /// The live store's lost watches so far (`Store::lost_watches`).
+    pub fn lost_watches(&self, total: u64) {
+        let counted = self.lost_watches.get();
+        if total > counted {
+            self.lost_watches.inc_by(total - counted);
+        }
+    }
     /// Rebuild progress.
     pub fn rebuild_progress(&self, projection: &str, done: i64) {
         self.rebuild_records
@@ -176,5 +190,24 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_watches_count_the_stores_running_total_once() {
+        let m = Metrics::default();
+        m.lost_watches(0);
+        m.lost_watches(3);
+        m.lost_watches(3);
+        m.lost_watches(5);
+        let text = m.render();
+        assert!(
+            text.contains("hooklog_processor_lost_watched_commits_total 5"),
+            "{text}"
+        );
     }
 }
