@@ -138,6 +138,15 @@ fn applied_here<'a>(seen: &mut HashSet<&'a str>, event_id: &'a str) -> bool {
 /// and the entities with their applied events, per projection.
 type ReadForFold<'a> = (Vec<Vec<u64>>, Vec<WriteCounts>, Vec<Vec<VersionRead<'a>>>);
 
+/// What the first round trip of [`Store::read_for_fold`] read: the
+/// pointers' versions (None for a rebuild), the write counters and the
+/// entities, per projection.
+type EntitiesRead<'a> = (
+    Option<Vec<Vec<u64>>>,
+    Vec<WriteCounts>,
+    Vec<Vec<VersionRead<'a>>>,
+);
+
 /// The versions a live apply writes: the current one (absent = 1), then
 /// the building one if a rebuild is filling another.
 fn live_versions(current: Option<u64>, building: Option<u64>) -> Vec<u64> {
@@ -815,9 +824,8 @@ impl Store {
 
     /// The first round trip of [`Store::read_for_fold`]: the pointers (live
     /// applies only; None for a rebuild), the counters, the entities in
-    /// `versions`. With `watch`, the pointers and entities are watched
-    /// first (see [`Store::commit_watched`]).
-    #[allow(clippy::type_complexity)]
+    /// `versions`. With `watch`, the pointers and the entities' stripe
+    /// counters are watched first (see [`Store::commit_watched`]).
     async fn read_entities<'a>(
         &self,
         conn: &mut impl ConnectionLike,
@@ -826,14 +834,7 @@ impl Store {
         versions: &[Vec<u64>],
         target: Target,
         watch: bool,
-    ) -> Result<
-        (
-            Option<Vec<Vec<u64>>>,
-            Vec<WriteCounts>,
-            Vec<Vec<VersionRead<'a>>>,
-        ),
-        RedisError,
-    > {
+    ) -> Result<EntitiesRead<'a>, RedisError> {
         let live = target == Target::Live;
         let mut entity_lists = Vec::new();
         let mut keys = Vec::new();
