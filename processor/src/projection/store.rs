@@ -256,13 +256,45 @@ pub struct Store {
     /// Idle connections for watched applies: WATCH belongs to a
     /// connection, so each apply in flight needs one of its own.
     watch_pool: Arc<Mutex<Vec<MultiplexedConnection>>>,
-    /// Watched commits that did not run (someone wrote in between).
-    lost_watches: Arc<AtomicU64>,
-    /// Losses in a row, and how many applies are left to do with the
-    /// script before watching again (see [`Store::should_watch`]).
-    watch_backoff: Arc<(AtomicU64, AtomicU64)>,
+    /// When to try a watched commit, and how many lost.
+    watch_backoff: Arc<WatchBackoff>,
     /// Every apply goes through `lua/commit.lua` (see [`Store::scripted_only`]).
     scripted_only: bool,
+}
+
+/// When a store tries a watched commit. One loses whenever another writer
+/// (a replica sharing the projection) writes in its stripes meanwhile, and
+/// a loss costs the read and the fold. So after a loss the next apply uses
+/// the script, after two in a row the next two, then 4, 8 … 64; a watched
+/// commit that runs ends the streak. Shared by the store's applies.
+#[derive(Default)]
+struct WatchBackoff {
+    /// Losses in a row.
+    streak: AtomicU64,
+    /// Applies left to do with the script before watching again.
+    skip: AtomicU64,
+    /// Losses in all.
+    lost: AtomicU64,
+}
+
+impl WatchBackoff {
+    /// Whether the next apply watches (else it counts down the skips).
+    fn should_watch(&self) -> bool {
+        self.skip
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_err()
+    }
+
+    /// A watched commit ran, or lost.
+    fn outcome(&self, ran: bool) {
+        if ran {
+            self.streak.store(0, Ordering::Relaxed);
+        } else {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+            let streak = self.streak.fetch_add(1, Ordering::Relaxed).min(6);
+            self.skip.store(1 << streak, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The marker bucket of an apply (see `marker_bucket`).
@@ -295,7 +327,6 @@ impl Store {
             versions_seen: Arc::default(),
             client,
             watch_pool: Arc::default(),
-            lost_watches: Arc::default(),
             watch_backoff: Arc::default(),
             scripted_only: false,
         };
@@ -579,21 +610,12 @@ impl Store {
     /// writer wrote in their stripes or moved their pointers meanwhile
     /// (each was then applied with `lua/commit.lua`).
     pub fn lost_watches(&self) -> u64 {
-        self.lost_watches.load(Ordering::Relaxed)
+        self.watch_backoff.lost.load(Ordering::Relaxed)
     }
 
-    /// Whether this apply tries a watched commit first. A watched commit
-    /// loses whenever another writer (a replica sharing the projection)
-    /// writes in its stripes meanwhile, and a loss costs the read and the
-    /// fold. So after a loss the next apply uses the script, after two in
-    /// a row the next two, then 4, 8 … 64; one that runs ends the streak.
+    /// Whether this apply tries a watched commit first.
     fn should_watch(&self) -> bool {
-        if self.scripted_only {
-            return false;
-        }
-        let (_, skip) = &*self.watch_backoff;
-        skip.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_err()
+        !self.scripted_only && self.watch_backoff.should_watch()
     }
 
     /// A connection for a watched apply: an idle one, or a new one. It goes
@@ -688,14 +710,7 @@ impl Store {
         pipe.cmd("EXEC");
         let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
         let ran = !matches!(replies.last(), Some(redis::Value::Nil) | None);
-        let (losses, skip) = &*self.watch_backoff;
-        if ran {
-            losses.store(0, Ordering::Relaxed);
-        } else {
-            self.lost_watches.fetch_add(1, Ordering::Relaxed);
-            let lost = losses.fetch_add(1, Ordering::Relaxed).min(6);
-            skip.store(1 << lost, Ordering::Relaxed);
-        }
+        self.watch_backoff.outcome(ran);
         Ok(calls
             .iter()
             .map(|(_, groups)| match ran {
@@ -1371,6 +1386,31 @@ mod tests {
             per_stripe.iter().all(|&n| n > 2000 / STRIPES / 2),
             "spread: {per_stripe:?}"
         );
+    }
+
+    #[test]
+    fn watched_commits_back_off_after_losses_in_a_row() {
+        let b = WatchBackoff::default();
+        let skipped_after = |b: &WatchBackoff| {
+            let mut n = 0;
+            while !b.should_watch() {
+                n += 1;
+            }
+            n
+        };
+        assert!(b.should_watch(), "watch until something is lost");
+        b.outcome(false);
+        assert_eq!(skipped_after(&b), 1);
+        b.outcome(false);
+        assert_eq!(skipped_after(&b), 2);
+        for _ in 0..10 {
+            b.outcome(false);
+        }
+        assert_eq!(skipped_after(&b), 64, "capped");
+        b.outcome(true);
+        b.outcome(false);
+        assert_eq!(skipped_after(&b), 1, "a commit that ran ends the streak");
+        assert_eq!(b.lost.load(Ordering::Relaxed), 13);
     }
 
     #[test]
