@@ -380,13 +380,26 @@ async fn main() {
     // Where the processor's time went: batches, and how long each took from
     // its plan and Redis apply to its last changelog ack (two stages: the
     // next batch is applied while one waits for its acks).
+    // A batch is counted once its changelog is acknowledged, a little after
+    // its events count as applied: wait until the count settles.
     let purl = penv.processor_url();
-    let batches = metric(
-        &purl,
-        "hooklog_processor_apply_batch_duration_seconds_count",
-        &[],
-    )
-    .await;
+    let batch_count = || {
+        metric(
+            &purl,
+            "hooklog_processor_apply_batch_duration_seconds_count",
+            &[],
+        )
+    };
+    let mut batches = batch_count().await;
+    let waiting = Instant::now();
+    while waiting.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = batch_count().await;
+        if now == batches && now >= 1.0 {
+            break;
+        }
+        batches = now;
+    }
     let apply_secs = metric(
         &purl,
         "hooklog_processor_apply_batch_duration_seconds_sum",
