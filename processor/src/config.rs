@@ -107,6 +107,11 @@ pub struct RedisConfig {
     /// Prefix of every key Hooklog writes.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
+    /// Write a batch first as a `WATCH`ed `MULTI`/`EXEC` (docs/processor.md);
+    /// false for Redis-compatible servers or proxies without them, where
+    /// every write goes through the commit script.
+    #[serde(default = "default_watched_commits")]
+    pub watched_commits: bool,
 }
 
 fn default_redis_url() -> String {
@@ -115,12 +120,16 @@ fn default_redis_url() -> String {
 fn default_key_prefix() -> String {
     "hooklog:".into()
 }
+const fn default_watched_commits() -> bool {
+    true
+}
 
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: default_redis_url(),
             key_prefix: default_key_prefix(),
+            watched_commits: default_watched_commits(),
         }
     }
 }
@@ -337,6 +346,9 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.raw_topics(), vec!["webhooks.raw.stripe".to_string()]);
         assert_eq!(cfg.processor.batch_size, 500);
+        assert!(cfg.redis.watched_commits);
+        let cfg = Config::from_toml("[redis]\nwatched_commits = false").unwrap();
+        assert!(!cfg.redis.watched_commits);
     }
 
     #[test]

@@ -42,16 +42,25 @@ use crate::consume::{Health, Pipeline};
 use crate::metrics::Metrics;
 use crate::projection::store::Store;
 
+/// Connects the projection store as configured (fails when Redis is
+/// unreachable).
+pub async fn open_store(config: &Config) -> Result<Store, redis::RedisError> {
+    let store = Store::connect(
+        &config.redis.url,
+        &config.redis.key_prefix,
+        config.processor.dedup_window_secs,
+    )
+    .await?;
+    Ok(match config.redis.watched_commits {
+        true => store,
+        false => store.scripted_only(),
+    })
+}
+
 /// Connects to Redis, retrying until it answers or `shutdown`.
 pub async fn connect_store(config: &Config, shutdown: &CancellationToken) -> Option<Store> {
     loop {
-        match Store::connect(
-            &config.redis.url,
-            &config.redis.key_prefix,
-            config.processor.dedup_window_secs,
-        )
-        .await
-        {
+        match open_store(config).await {
             Ok(s) => return Some(s),
             Err(e) => {
                 warn!(error = %e, "Redis unreachable; retrying.");

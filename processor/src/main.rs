@@ -210,12 +210,8 @@ async fn prepare(
         .projection(projection)
         .with_context(|| format!("unknown projection {projection:?}"))?
         .clone();
-    let store = hooklog_processor::projection::store::Store::connect(
-        &config.redis.url,
-        &config.redis.key_prefix,
-        config.processor.dedup_window_secs,
-    )
-    .await
-    .context("connecting to Redis")?;
+    let store = hooklog_processor::open_store(config)
+        .await
+        .context("connecting to Redis")?;
     Ok((store, spec))
 }
