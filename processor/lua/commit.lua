@@ -8,12 +8,11 @@
 -- ARGV[2] = building version pointer key
 -- ARGV[3] = "1": live apply, check the pointers; "": a rebuild's own version
 -- ARGV[4] = current version as read; ARGV[5] = building version as read or ""
--- ARGV[6] = now (unix seconds); ARGV[7] = when the markers' bucket expires
--- ARGV[8] = the projection's write counter; ARGV[9] = this writer's own
+-- ARGV[6] = the projection's write counter; ARGV[7] = this writer's own
 --   write counter (see `WriteCounts` in src/projection/store.rs)
--- ARGV[10] = number of marker sets S (one per version written), then S
---   triples: bucket set key, bucket index key (a sorted set: bucket key ->
---   its expiry; see seen.lua), the version's stripe counter key prefix
+-- ARGV[8] = number of marker sets S (one per version written), then S
+--   pairs: the marker bucket's set key, the version's stripe counter key
+--   prefix
 -- then groups, each: entity hash key, expected `~rev` ("0" = absent), marker
 --   set number (1..S), the entity's write stripe, marker count, the event
 --   ids, field count, then field, value pairs (the new `~rev` among them)
@@ -24,6 +23,8 @@
 -- Keys are built by the processor from the pointers it read, and checked
 -- here against the pointers in the same atomic step, so a rebuild's switch
 -- never interleaves with an apply. They share the projection's hash tag.
+-- The processor sends this script in a MULTI/EXEC followed by markers.lua,
+-- which keeps each bucket findable and expiring.
 
 if ARGV[3] == '1' then
   local current = redis.call('GET', ARGV[1]) or '1'
@@ -36,18 +37,17 @@ end
 
 -- Both counters move with every call that may write, in the same atomic
 -- step: a reader of both can tell whether anyone else wrote since.
-redis.call('INCR', ARGV[8])
-redis.call('INCR', ARGV[9])
-redis.call('EXPIRE', ARGV[9], 86400)
+redis.call('INCR', ARGV[6])
+redis.call('INCR', ARGV[7])
+redis.call('EXPIRE', ARGV[7], 86400)
 
-local now, expiry = tonumber(ARGV[6]), tonumber(ARGV[7])
-local sets = tonumber(ARGV[10])
+local sets = tonumber(ARGV[8])
 local marked = {}
 for s = 1, sets do marked[s] = {} end
 local result = {}
 -- The stripe counters this call bumps: each once, whatever its writes.
 local stripes = {}
-local a = 11 + 3 * sets
+local a = 9 + 2 * sets
 while a <= #ARGV do
   local key, expected = ARGV[a], ARGV[a + 1]
   local set = tonumber(ARGV[a + 2])
@@ -65,7 +65,7 @@ while a <= #ARGV do
     if nfields > 0 then
       redis.call('HSET', key, unpack(ARGV, first_field, next_group - 1))
     end
-    stripes[ARGV[10 + 3 * set] .. stripe] = true
+    stripes[ARGV[8 + 2 * set] .. stripe] = true
     result[#result + 1] = 0
   else
     result[#result + 1] = 1
@@ -73,30 +73,21 @@ while a <= #ARGV do
   a = next_group
 end
 
--- One SADD per marker set for the whole call. The bucket (and its index)
--- only ever get a later expiry, never an earlier one.
-local function expire_at_least(key)
-  if redis.call('TTL', key) < expiry - now then
-    redis.call('EXPIREAT', key, expiry)
-  end
-end
 -- Every write of an entity bumps its stripe's counter: a watched apply
 -- (`commit_watched` in src/projection/store.rs) that read the entity
 -- before this write then does not run.
 for stripe in pairs(stripes) do
   redis.call('INCR', stripe)
 end
+-- One SADD per marker set for the whole call (markers.lua, next in the
+-- same transaction, sees to the bucket's expiry and index).
 for s = 1, sets do
   local ids = marked[s]
   if #ids > 0 then
-    local bucket, index = ARGV[8 + 3 * s], ARGV[9 + 3 * s]
+    local bucket = ARGV[7 + 2 * s]
     for first = 1, #ids, 1000 do
       redis.call('SADD', bucket, unpack(ids, first, math.min(first + 999, #ids)))
     end
-    expire_at_least(bucket)
-    redis.call('ZADD', index, 'GT', expiry, bucket)
-    redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. now)
-    expire_at_least(index)
   end
 end
 return result

@@ -1,7 +1,8 @@
--- Keeps a marker bucket findable and expiring, after `commit_watched` (in
--- src/projection/store.rs) added event ids to it in the same MULTI/EXEC:
--- the same bookkeeping as the end of commit.lua. The bucket (and its
--- index) only ever get a later expiry, never an earlier one.
+-- Keeps a marker bucket findable and expiring. Both write paths in
+-- src/projection/store.rs (`commit_watched`, and `commit_scripted` after
+-- commit.lua) run it in the same MULTI/EXEC that added event ids to the
+-- bucket. The bucket (and its index) only ever get a later expiry, never an
+-- earlier one.
 --
 -- ARGV[1] = bucket set key; ARGV[2] = bucket index key (a sorted set:
 -- bucket key -> its expiry; see seen.lua); ARGV[3] = now (unix seconds);

@@ -251,15 +251,33 @@ async fn a_sharded_batch_matches_applying_entity_by_entity() {
 /// one entity's 2,500 new events in one call are all remembered.
 #[tokio::test]
 async fn markers_survive_a_window_change_and_expire_with_their_bucket() {
+    // Through the watched transaction, and through the script.
+    for scripted in [false, true] {
+        markers_across_a_window_change(scripted).await;
+    }
+}
+
+async fn markers_across_a_window_change(scripted: bool) {
     let prefix = unique("e2e:window:");
     let url = shared_stack().redis_url.clone();
     let spec = spec_with_status(1);
-    let first = Store::connect(&url, &prefix, 600).await.unwrap();
+    let connect = |window| {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        async move {
+            let store = Store::connect(&url, &prefix, window).await.unwrap();
+            if scripted {
+                store.scripted_only()
+            } else {
+                store
+            }
+        }
+    };
+    let first = connect(600).await;
     let updates = order_updates(&spec, "ORD-W", 0..2500);
     let results = apply_live(&first, &updates).await;
     assert!(results.iter().all(|r| r.applied));
 
-    let second = Store::connect(&url, &prefix, 7 * 86_400).await.unwrap();
+    let second = connect(7 * 86_400).await;
     let again = order_updates(&spec, "ORD-W", (0..2500).step_by(7).chain(2500..2510));
     let results = apply_live(&second, &again).await;
     let applied = results.iter().filter(|r| r.applied).count();

@@ -694,13 +694,7 @@ impl Store {
                 let index = self.seen_index(projection, v);
                 let bucket = format!("{index}:{}", marks.start);
                 pipe.cmd("SADD").arg(&bucket).arg(ids);
-                pipe.cmd("EVAL")
-                    .arg(MARKERS_LUA)
-                    .arg(0)
-                    .arg(&bucket)
-                    .arg(&index)
-                    .arg(marks.now)
-                    .arg(marks.expiry);
+                self.keep_bucket(&mut pipe, &bucket, &index, marks);
             }
             let (own_writes, writes) = self.write_count_keys(projection);
             pipe.cmd("INCR").arg(writes);
@@ -721,7 +715,8 @@ impl Store {
     }
 
     /// Writes the folded groups with `lua/commit.lua`, one call per chunk
-    /// in `calls`, each group compared and set on its own.
+    /// in `calls`, each group compared and set on its own, then keeps the
+    /// marker buckets with `lua/markers.lua`, all in one MULTI/EXEC.
     async fn commit_scripted(
         &self,
         conn: &mut ConnectionManager,
@@ -731,12 +726,9 @@ impl Store {
         target: Target,
         marks: MarkerBucket,
     ) -> Result<Vec<redis::Value>, RedisError> {
-        let MarkerBucket {
-            now,
-            start: bucket,
-            expiry,
-        } = marks;
+        let bucket = marks.start;
         let mut pipe = redis::pipe();
+        pipe.atomic();
         for (projection, groups) in calls {
             let version = &versions[pending
                 .iter()
@@ -752,14 +744,11 @@ impl Store {
                 .arg(if target == Target::Live { "1" } else { "" })
                 .arg(version[0])
                 .arg(version.get(1).map(u64::to_string).unwrap_or_default())
-                .arg(now)
-                .arg(expiry)
                 .arg(writes)
                 .arg(own_writes)
                 .arg(version.len());
             for &v in version {
-                let index = self.seen_index(projection, v);
-                cmd.arg(format!("{index}:{bucket}")).arg(index);
+                cmd.arg(format!("{}:{bucket}", self.seen_index(projection, v)));
                 cmd.arg(stripe_prefix(&self.version_prefix(projection, v)));
             }
             for g in groups.iter().filter(|g| g.write) {
@@ -772,7 +761,34 @@ impl Store {
                 }
             }
         }
+        for ((projection, _), version) in pending.iter().zip(versions) {
+            if !calls.iter().any(|(p, _)| p == projection) {
+                continue;
+            }
+            for &v in version {
+                let index = self.seen_index(projection, v);
+                self.keep_bucket(&mut pipe, &format!("{index}:{bucket}"), &index, marks);
+                pipe.ignore();
+            }
+        }
         pipe.query_async(conn).await
+    }
+
+    /// Adds `lua/markers.lua` for one marker bucket to a transaction.
+    fn keep_bucket(
+        &self,
+        pipe: &mut redis::Pipeline,
+        bucket: &str,
+        index: &str,
+        marks: MarkerBucket,
+    ) {
+        pipe.cmd("EVAL")
+            .arg(MARKERS_LUA)
+            .arg(0)
+            .arg(bucket)
+            .arg(index)
+            .arg(marks.now)
+            .arg(marks.expiry);
     }
 
     /// The versions each projection's updates go to (current first): for
