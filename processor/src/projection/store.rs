@@ -62,8 +62,10 @@ fn marker_bucket(now: u64, window_secs: u64) -> (u64, u64) {
     (start, start + width + window_secs)
 }
 
-/// Arguments per script call (about 20 per event): a call blocks Redis
-/// while it runs, and a few thousand arguments take a few milliseconds.
+/// Arguments per `lua/commit.lua` call (about 20 per event), so that no
+/// single call builds a huge Lua argument table. The calls of one apply
+/// still run in one MULTI/EXEC, which blocks Redis for all of them, as the
+/// watched transaction does (docs/operations.md, "Capacity planning").
 const CHUNK_ARGS: usize = 8_000;
 
 /// A batch is split by entity into this many shards applied concurrently,
