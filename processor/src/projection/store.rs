@@ -307,6 +307,13 @@ struct MarkerBucket {
     expiry: u64,
 }
 
+impl MarkerBucket {
+    /// The bucket's set key: `<seen index key>:<bucket start>`.
+    fn key(&self, index: &str) -> String {
+        format!("{index}:{}", self.start)
+    }
+}
+
 impl Store {
     /// Connects (fails when Redis is unreachable; callers retry).
     /// `window_secs` is how long an applied event id is remembered
@@ -694,9 +701,8 @@ impl Store {
                     continue;
                 }
                 let index = self.seen_index(projection, v);
-                let bucket = format!("{index}:{}", marks.start);
-                pipe.cmd("SADD").arg(&bucket).arg(ids);
-                self.keep_bucket(&mut pipe, &bucket, &index, marks);
+                pipe.cmd("SADD").arg(marks.key(&index)).arg(ids);
+                self.keep_bucket(&mut pipe, &index, marks);
             }
             let (own_writes, writes) = self.write_count_keys(projection);
             pipe.cmd("INCR").arg(writes);
@@ -728,7 +734,6 @@ impl Store {
         target: Target,
         marks: MarkerBucket,
     ) -> Result<Vec<redis::Value>, RedisError> {
-        let bucket = marks.start;
         let mut pipe = redis::pipe();
         pipe.atomic();
         for (projection, groups) in calls {
@@ -750,7 +755,7 @@ impl Store {
                 .arg(own_writes)
                 .arg(version.len());
             for &v in version {
-                cmd.arg(format!("{}:{bucket}", self.seen_index(projection, v)));
+                cmd.arg(marks.key(&self.seen_index(projection, v)));
                 cmd.arg(stripe_prefix(&self.version_prefix(projection, v)));
             }
             for g in groups.iter().filter(|g| g.write) {
@@ -768,8 +773,7 @@ impl Store {
                 continue;
             }
             for &v in version {
-                let index = self.seen_index(projection, v);
-                self.keep_bucket(&mut pipe, &format!("{index}:{bucket}"), &index, marks);
+                self.keep_bucket(&mut pipe, &self.seen_index(projection, v), marks);
                 pipe.ignore();
             }
         }
@@ -777,17 +781,11 @@ impl Store {
     }
 
     /// Adds `lua/markers.lua` for one marker bucket to a transaction.
-    fn keep_bucket(
-        &self,
-        pipe: &mut redis::Pipeline,
-        bucket: &str,
-        index: &str,
-        marks: MarkerBucket,
-    ) {
+    fn keep_bucket(&self, pipe: &mut redis::Pipeline, index: &str, marks: MarkerBucket) {
         pipe.cmd("EVAL")
             .arg(MARKERS_LUA)
             .arg(0)
-            .arg(bucket)
+            .arg(marks.key(index))
             .arg(index)
             .arg(marks.now)
             .arg(marks.expiry);
