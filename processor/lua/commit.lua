@@ -9,7 +9,7 @@
 -- ARGV[3] = "1": live apply, check the pointers; "": a rebuild's own version
 -- ARGV[4] = current version as read; ARGV[5] = building version as read or ""
 -- ARGV[6] = the projection's write counter; ARGV[7] = this writer's own
---   write counter (see `WriteCounts` in src/projection/store.rs)
+--   write counter (see `WriteCounts` in src/projection/store/mod.rs)
 -- ARGV[8] = number of marker sets S (one per version written), then S
 --   pairs: the marker bucket's set key, the version's stripe counter key
 --   prefix
@@ -74,7 +74,7 @@ while a <= #ARGV do
 end
 
 -- Every write of an entity bumps its stripe's counter: a watched apply
--- (`commit_watched` in src/projection/store.rs) that read the entity
+-- (`commit_watched` in src/projection/store/commit.rs) that read the entity
 -- before this write then does not run.
 for stripe in pairs(stripes) do
   redis.call('INCR', stripe)

@@ -1,5 +1,5 @@
 -- Keeps a marker bucket findable and expiring. Both write paths in
--- src/projection/store.rs (`commit_watched`, and `commit_scripted` after
+-- src/projection/store/commit.rs (`commit_watched`, and `commit_scripted` after
 -- commit.lua) run it in the same MULTI/EXEC that added event ids to the
 -- bucket. The bucket (and its index) only ever get a later expiry, never an
 -- earlier one.

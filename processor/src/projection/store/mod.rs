@@ -22,44 +22,42 @@
 //! (`WATCH` on the stripe counters, then `MULTI` … `EXEC`); if someone did,
 //! with `lua/commit.lua`, a compare-and-set on each entity's `~rev`, where an
 //! entity someone else changed meanwhile is read and folded again.
+//!
+//! Where things are: this file holds the key layout, [`Store`] and its
+//! apply (sharding, the read → fold → write rounds, retries), the entity
+//! reads of the API and the publish stage, and the write stripes;
+//! `read.rs` the apply's reads (pointers, counters, entities, markers);
+//! `commit.rs` its writes (the watched transaction, the script fallback,
+//! the marker buckets); `state.rs` an entity's hash as the published JSON
+//! document.
+
+mod commit;
+mod read;
+mod state;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use foldhash::{HashMap, HashMapExt, HashSet};
+use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::{AsyncCommands, ErrorKind, RedisError, Script};
-use serde_json::Value;
 
 use super::fold::{self, Changed, Fields};
 use super::spec::Update;
+use commit::{marker_bucket, MarkerBucket, WatchBackoff};
+use state::pairs;
+pub use state::{clock, entity_state, EntityState};
 
-const COMMIT_LUA: &str = include_str!("../../lua/commit.lua");
-const SEEN_LUA: &str = include_str!("../../lua/seen.lua");
-const MARKERS_LUA: &str = include_str!("../../lua/markers.lua");
-
-/// Event ids per `seen.lua` call (its `unpack` must stay under Lua's 8,000
-/// C stack slots).
-const SEEN_CHUNK: usize = 4_000;
-
-/// Marker buckets per dedup window: reads check about this many sets, and a
-/// marker lives between one window and one window plus one bucket.
-const BUCKETS_PER_WINDOW: u64 = 8;
+const COMMIT_LUA: &str = include_str!("../../../lua/commit.lua");
+const SEEN_LUA: &str = include_str!("../../../lua/seen.lua");
 
 /// Unix seconds now.
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// The marker bucket for `now`: (bucket start, when the bucket expires).
-fn marker_bucket(now: u64, window_secs: u64) -> (u64, u64) {
-    let width = (window_secs / BUCKETS_PER_WINDOW).max(1);
-    let start = now - now % width;
-    (start, start + width + window_secs)
 }
 
 /// Arguments per `lua/commit.lua` call (about 20 per event), so that no
@@ -136,29 +134,6 @@ fn applied_here<'a>(seen: &mut HashSet<&'a str>, event_id: &'a str) -> bool {
     seen.insert(event_id)
 }
 
-/// What [`Store::read_for_fold`] read: the versions, the write counters
-/// and the entities with their applied events, per projection.
-type ReadForFold<'a> = (Vec<Vec<u64>>, Vec<WriteCounts>, Vec<Vec<VersionRead<'a>>>);
-
-/// What the first round trip of [`Store::read_for_fold`] read: the
-/// pointers' versions (None for a rebuild), the write counters and the
-/// entities, per projection.
-type EntitiesRead<'a> = (
-    Option<Vec<Vec<u64>>>,
-    Vec<WriteCounts>,
-    Vec<Vec<VersionRead<'a>>>,
-);
-
-/// The versions a live apply writes: the current one (absent = 1), then
-/// the building one if a rebuild is filling another.
-fn live_versions(current: Option<u64>, building: Option<u64>) -> Vec<u64> {
-    let current = current.unwrap_or(1);
-    match building {
-        Some(b) if b != current => vec![current, b],
-        _ => vec![current],
-    }
-}
-
 /// Which versions an apply writes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -166,31 +141,6 @@ pub enum Target {
     Live,
     /// A rebuild: only this version.
     Version(u64),
-}
-
-/// One entity's state as served by the read API and the changelog.
-#[derive(Clone, Debug, PartialEq)]
-pub struct EntityState {
-    /// Projection name.
-    pub projection: String,
-    /// Entity key.
-    pub key: String,
-    /// Projection version the state comes from.
-    pub version: u64,
-    /// The entity's `~rev` (changes with every write; not published).
-    pub rev: u64,
-    /// The published JSON document: `projection`, `key`, `version`,
-    /// `state` (the fields), `updated_at` (event time of the newest event
-    /// applied, RFC 3339) and `last_event_id` (that event's id). Written
-    /// straight from the stored hash (see [`entity_state`]).
-    pub json: Vec<u8>,
-}
-
-impl EntityState {
-    /// The document as a JSON value.
-    pub fn document(&self) -> Value {
-        serde_json::from_slice(&self.json).expect("entity_state writes JSON")
-    }
 }
 
 /// What applying one update did.
@@ -262,56 +212,6 @@ pub struct Store {
     watch_backoff: Arc<WatchBackoff>,
     /// Every apply goes through `lua/commit.lua` (see [`Store::scripted_only`]).
     scripted_only: bool,
-}
-
-/// When a store tries a watched commit. One loses whenever another writer
-/// (a replica sharing the projection) writes in its stripes meanwhile, and
-/// a loss costs the read and the fold. So after a loss the next apply uses
-/// the script, after two in a row the next two, then 4, 8 … 64; a watched
-/// commit that runs ends the streak. Shared by the store's applies.
-#[derive(Default)]
-struct WatchBackoff {
-    /// Losses in a row.
-    streak: AtomicU64,
-    /// Applies left to do with the script before watching again.
-    skip: AtomicU64,
-    /// Losses in all.
-    lost: AtomicU64,
-}
-
-impl WatchBackoff {
-    /// Whether the next apply watches (else it counts down the skips).
-    fn should_watch(&self) -> bool {
-        self.skip
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_err()
-    }
-
-    /// A watched commit ran, or lost.
-    fn outcome(&self, ran: bool) {
-        if ran {
-            self.streak.store(0, Ordering::Relaxed);
-        } else {
-            self.lost.fetch_add(1, Ordering::Relaxed);
-            let streak = self.streak.fetch_add(1, Ordering::Relaxed).min(6);
-            self.skip.store(1 << streak, Ordering::Relaxed);
-        }
-    }
-}
-
-/// The marker bucket of an apply (see `marker_bucket`).
-#[derive(Clone, Copy)]
-struct MarkerBucket {
-    now: u64,
-    start: u64,
-    expiry: u64,
-}
-
-impl MarkerBucket {
-    /// The bucket's set key: `<seen index key>:<bucket start>`.
-    fn key(&self, index: &str) -> String {
-        format!("{index}:{}", self.start)
-    }
 }
 
 impl Store {
@@ -627,394 +527,6 @@ impl Store {
         !self.scripted_only && self.watch_backoff.should_watch()
     }
 
-    /// A connection for a watched apply: an idle one, or a new one. It goes
-    /// back to the pool only after a successful apply; after an error it is
-    /// dropped, since its state (watched keys, a transaction half sent) is
-    /// unknown. Unlike the shared connection manager it never reconnects
-    /// behind the apply's back, which would lose the watch.
-    async fn watch_connection(&self) -> Result<MultiplexedConnection, RedisError> {
-        if let Some(c) = self.watch_pool.lock().expect("lock").pop() {
-            return Ok(c);
-        }
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(Duration::from_secs(10));
-        self.client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-    }
-
-    /// Writes the folded groups in one MULTI/EXEC on the connection that
-    /// watched the pointers and entities before reading them: Redis runs it
-    /// only if none of them changed since, else runs nothing and answers
-    /// nil. The same compare-and-set as `lua/commit.lua`, for the whole
-    /// apply at once, without running a script over every field: in a
-    /// script each argument becomes a Lua string and each write a call back
-    /// into Redis, which took about half of Redis's time. Returns, per call
-    /// in `calls`, what `commit.lua` would: a flag per written group (0
-    /// written), or -1 for all of them when the transaction did not run.
-    async fn commit_watched(
-        &self,
-        conn: &mut MultiplexedConnection,
-        calls: &[(&str, Vec<Group<'_>>)],
-        pending: &[(&str, Vec<usize>)],
-        versions: &[Vec<u64>],
-        marks: MarkerBucket,
-    ) -> Result<Vec<redis::Value>, RedisError> {
-        let written = |groups: &[Group]| groups.iter().filter(|g| g.write).count();
-        if calls.iter().all(|(_, groups)| written(groups) == 0) {
-            return Ok(calls
-                .iter()
-                .map(|_| redis::Value::Array(Vec::new()))
-                .collect());
-        }
-        let mut pipe = redis::pipe();
-        pipe.cmd("MULTI");
-        for ((projection, _), versions) in pending.iter().zip(versions) {
-            let groups: Vec<&Group> = calls
-                .iter()
-                .filter(|(p, _)| p == projection)
-                .flat_map(|(_, groups)| groups.iter().filter(|g| g.write))
-                .collect();
-            if groups.is_empty() {
-                continue;
-            }
-            let mut bumped = vec![[false; STRIPES]; versions.len()];
-            for g in &groups {
-                let hset = pipe.cmd("HSET").arg(&g.key);
-                for f in &g.changed {
-                    hset.arg(f).arg(&g.state[f]);
-                }
-                bumped[g.version_index][g.stripe] = true;
-            }
-            for (vi, &v) in versions.iter().enumerate() {
-                let base = self.version_prefix(projection, v);
-                for stripe in (0..STRIPES).filter(|&s| bumped[vi][s]) {
-                    pipe.cmd("INCR").arg(stripe_key(&base, stripe));
-                }
-                let ids: Vec<&str> = groups
-                    .iter()
-                    .filter(|g| g.version_index == vi)
-                    .flat_map(|g| g.markers.iter().copied())
-                    .collect();
-                if ids.is_empty() {
-                    continue;
-                }
-                let index = self.seen_index(projection, v);
-                pipe.cmd("SADD").arg(marks.key(&index)).arg(ids);
-                self.keep_bucket(&mut pipe, &index, marks);
-            }
-            let (own_writes, writes) = self.write_count_keys(projection);
-            pipe.cmd("INCR").arg(writes);
-            pipe.cmd("INCR").arg(&own_writes);
-            pipe.cmd("EXPIRE").arg(&own_writes).arg(86400);
-        }
-        pipe.cmd("EXEC");
-        let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
-        let ran = !matches!(replies.last(), Some(redis::Value::Nil) | None);
-        self.watch_backoff.outcome(ran);
-        Ok(calls
-            .iter()
-            .map(|(_, groups)| match ran {
-                true => redis::Value::Array(vec![redis::Value::Int(0); written(groups)]),
-                false => redis::Value::Int(-1),
-            })
-            .collect())
-    }
-
-    /// Writes the folded groups with `lua/commit.lua`, one call per chunk
-    /// in `calls`, each group compared and set on its own, then keeps the
-    /// marker buckets with `lua/markers.lua`, all in one MULTI/EXEC.
-    async fn commit_scripted(
-        &self,
-        conn: &mut ConnectionManager,
-        calls: &[(&str, Vec<Group<'_>>)],
-        pending: &[(&str, Vec<usize>)],
-        versions: &[Vec<u64>],
-        target: Target,
-        marks: MarkerBucket,
-    ) -> Result<Vec<redis::Value>, RedisError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for (projection, groups) in calls {
-            let version = &versions[pending
-                .iter()
-                .position(|(p, _)| p == projection)
-                .expect("pending")];
-            let (own_writes, writes) = self.write_count_keys(projection);
-            let cmd = pipe
-                .cmd("EVALSHA")
-                .arg(self.script.get_hash())
-                .arg(0)
-                .arg(self.current_key(projection))
-                .arg(self.building_key(projection))
-                .arg(if target == Target::Live { "1" } else { "" })
-                .arg(version[0])
-                .arg(version.get(1).map(u64::to_string).unwrap_or_default())
-                .arg(writes)
-                .arg(own_writes)
-                .arg(version.len());
-            for &v in version {
-                cmd.arg(marks.key(&self.seen_index(projection, v)));
-                cmd.arg(stripe_prefix(&self.version_prefix(projection, v)));
-            }
-            for g in groups.iter().filter(|g| g.write) {
-                cmd.arg(&g.key).arg(g.expected_rev).arg(g.version_index + 1);
-                cmd.arg(g.stripe);
-                cmd.arg(g.markers.len()).arg(&g.markers);
-                cmd.arg(g.changed.len());
-                for f in &g.changed {
-                    cmd.arg(f).arg(&g.state[f]);
-                }
-            }
-        }
-        for ((projection, _), version) in pending.iter().zip(versions) {
-            if !calls.iter().any(|(p, _)| p == projection) {
-                continue;
-            }
-            for &v in version {
-                self.keep_bucket(&mut pipe, &self.seen_index(projection, v), marks);
-                pipe.ignore();
-            }
-        }
-        pipe.query_async(conn).await
-    }
-
-    /// Adds `lua/markers.lua` for one marker bucket to a transaction.
-    fn keep_bucket(&self, pipe: &mut redis::Pipeline, index: &str, marks: MarkerBucket) {
-        pipe.cmd("EVAL")
-            .arg(MARKERS_LUA)
-            .arg(0)
-            .arg(marks.key(index))
-            .arg(index)
-            .arg(marks.now)
-            .arg(marks.expiry);
-    }
-
-    /// The versions each projection's updates go to (current first): for
-    /// a live apply, the versions last seen (see [`Store::read_for_fold`]),
-    /// else version 1 alone (the pointers' default).
-    fn guess_versions(&self, pending: &[(&str, Vec<usize>)], target: Target) -> Vec<Vec<u64>> {
-        if let Target::Version(v) = target {
-            return vec![vec![v]; pending.len()];
-        }
-        let seen = self.versions_seen.lock().expect("lock");
-        pending
-            .iter()
-            .map(|(p, _)| seen.get(*p).cloned().unwrap_or_else(|| vec![1]))
-            .collect()
-    }
-
-    /// Two round trips. First, in one pipeline: each projection's version
-    /// pointers, its write counters (whatever changed an entity after they
-    /// were read moved them) and every entity the updates touch (HGETALL),
-    /// in the versions the pointers last named. The pointers seldom move
-    /// (a rebuild starts or switches), so this saves the round trip that
-    /// would read them first; when they did move, the read is repeated in
-    /// the versions they name now. Either way the entities are read after
-    /// the pointers, and `lua/commit.lua` checks the pointers again when it
-    /// writes.
-    ///
-    /// Then which of the events of the entities that exist each version has
-    /// already applied (`lua/seen.lua`): applying an event writes its entity
-    /// and its marker in one atomic step (`lua/commit.lua`), and an event
-    /// updates one entity per projection, so a version without the entity
-    /// has no marker of its events either. In a backlog most entities are
-    /// new (a charge per event), and their events need no check.
-    async fn read_for_fold<'a>(
-        &self,
-        conn: &mut impl ConnectionLike,
-        updates: &[(&'a Update, &'a str)],
-        pending: &[(&str, Vec<usize>)],
-        target: Target,
-        watch: bool,
-        now: u64,
-    ) -> Result<ReadForFold<'a>, RedisError> {
-        let mut versions = self.guess_versions(pending, target);
-        loop {
-            let (pointers, counts, reads) = self
-                .read_entities(conn, updates, pending, &versions, target, watch)
-                .await?;
-            match pointers {
-                Some(pointers) if pointers != versions => {
-                    let mut seen = self.versions_seen.lock().expect("lock");
-                    for ((p, _), v) in pending.iter().zip(&pointers) {
-                        seen.insert((*p).to_owned(), v.clone());
-                    }
-                    versions = pointers;
-                }
-                _ => {
-                    let reads = self
-                        .read_seen(conn, updates, pending, &versions, reads, now)
-                        .await?;
-                    return Ok((versions, counts, reads));
-                }
-            }
-        }
-    }
-
-    /// The first round trip of [`Store::read_for_fold`]: the pointers (live
-    /// applies only; None for a rebuild), the counters, the entities in
-    /// `versions`. With `watch`, the pointers and the entities' stripe
-    /// counters are watched first (see [`Store::commit_watched`]).
-    async fn read_entities<'a>(
-        &self,
-        conn: &mut impl ConnectionLike,
-        updates: &[(&'a Update, &'a str)],
-        pending: &[(&str, Vec<usize>)],
-        versions: &[Vec<u64>],
-        target: Target,
-        watch: bool,
-    ) -> Result<EntitiesRead<'a>, RedisError> {
-        let live = target == Target::Live;
-        let mut entity_lists = Vec::new();
-        let mut keys = Vec::new();
-        let mut stripes = Vec::new();
-        for ((projection, idx), versions) in pending.iter().zip(versions) {
-            let mut entities: Vec<&str> = idx.iter().map(|&i| updates[i].0.key.as_str()).collect();
-            entities.sort_unstable();
-            entities.dedup();
-            let mut used = [false; STRIPES];
-            for e in &entities {
-                used[stripe_of(e)] = true;
-            }
-            for &v in versions {
-                let base = self.version_prefix(projection, v);
-                keys.extend(entities.iter().map(|e| entity_hash_key(&base, e)));
-                for stripe in (0..STRIPES).filter(|&s| used[s]) {
-                    stripes.push(stripe_key(&base, stripe));
-                }
-            }
-            entity_lists.push(entities);
-        }
-        let mut pipe = redis::pipe();
-        if watch {
-            // A connection's watched keys last until its next EXEC or
-            // UNWATCH: start from none. Every write of an entity bumps its
-            // stripe (watching the entities themselves costs Redis time
-            // quadratic in their number), and a rebuild's switch moves
-            // the pointers.
-            pipe.cmd("UNWATCH").ignore();
-            let watched = pipe.cmd("WATCH");
-            for (projection, _) in pending.iter().filter(|_| live) {
-                watched
-                    .arg(self.current_key(projection))
-                    .arg(self.building_key(projection));
-            }
-            watched.arg(&stripes).ignore();
-        }
-        for (projection, _) in pending {
-            if live {
-                pipe.get(self.current_key(projection))
-                    .get(self.building_key(projection));
-            }
-            let (own, total) = self.write_count_keys(projection);
-            pipe.get(own).get(total);
-        }
-        for key in &keys {
-            pipe.cmd("HGETALL").arg(key);
-        }
-        let mut replies: std::vec::IntoIter<redis::Value> = pipe
-            .query_async::<Vec<redis::Value>>(conn)
-            .await?
-            .into_iter();
-        let mut counts = Vec::with_capacity(pending.len());
-        let mut pointers = Vec::with_capacity(pending.len());
-        for _ in pending {
-            if live {
-                let current: Option<u64> =
-                    redis::from_redis_value(&replies.next().expect("reply"))?;
-                let building: Option<u64> =
-                    redis::from_redis_value(&replies.next().expect("reply"))?;
-                pointers.push(live_versions(current, building));
-            }
-            let own = redis::from_redis_value(&replies.next().expect("reply"))?;
-            let total = redis::from_redis_value(&replies.next().expect("reply"))?;
-            counts.push(WriteCounts::read(own, total));
-        }
-        let mut out = Vec::with_capacity(pending.len());
-        for (entities, versions) in entity_lists.into_iter().zip(versions) {
-            let mut per_version = Vec::with_capacity(versions.len());
-            for _ in versions {
-                let mut found = HashMap::new();
-                for e in &entities {
-                    let fields: Fields = redis::from_redis_value(&replies.next().expect("reply"))?;
-                    found.insert(*e, fields);
-                }
-                per_version.push(VersionRead {
-                    entities: found,
-                    seen: HashSet::new(),
-                });
-            }
-            out.push(per_version);
-        }
-        Ok((live.then_some(pointers), counts, out))
-    }
-
-    /// The second round trip of [`Store::read_for_fold`]: which events of
-    /// the entities found each version has applied.
-    async fn read_seen<'a>(
-        &self,
-        conn: &mut impl ConnectionLike,
-        updates: &[(&'a Update, &'a str)],
-        pending: &[(&str, Vec<usize>)],
-        versions: &[Vec<u64>],
-        mut out: Vec<Vec<VersionRead<'a>>>,
-        now: u64,
-    ) -> Result<Vec<Vec<VersionRead<'a>>>, RedisError> {
-        let mut pipe = redis::pipe();
-        // (projection's position in `pending`, version's position, the ids
-        // asked about).
-        let mut asked = Vec::new();
-        for (p, ((projection, idx), versions)) in pending.iter().zip(versions).enumerate() {
-            for (vi, &v) in versions.iter().enumerate() {
-                let entities = &out[p][vi].entities;
-                let mut ids: Vec<&str> = idx
-                    .iter()
-                    .map(|&i| updates[i])
-                    .filter(|(up, _)| entities.get(up.key.as_str()).is_some_and(|f| !f.is_empty()))
-                    .map(|(_, id)| id)
-                    .collect();
-                if ids.is_empty() {
-                    continue;
-                }
-                ids.sort_unstable();
-                ids.dedup();
-                let index = self.seen_index(projection, v);
-                for chunk in ids.chunks(SEEN_CHUNK) {
-                    pipe.cmd("EVALSHA")
-                        .arg(self.seen_script.get_hash())
-                        .arg(0)
-                        .arg(&index)
-                        .arg(now)
-                        .arg(chunk);
-                }
-                asked.push((p, vi, ids));
-            }
-        }
-        if asked.is_empty() {
-            return Ok(out);
-        }
-        let mut replies: std::vec::IntoIter<redis::Value> = pipe
-            .query_async::<Vec<redis::Value>>(conn)
-            .await?
-            .into_iter();
-        for (p, vi, ids) in asked {
-            let seen = &mut out[p][vi].seen;
-            for chunk in ids.chunks(SEEN_CHUNK) {
-                let flags: Vec<u8> = redis::from_redis_value(&replies.next().expect("reply"))?;
-                seen.extend(
-                    chunk
-                        .iter()
-                        .zip(flags)
-                        .filter(|(_, f)| *f == 1)
-                        .map(|(id, _)| *id),
-                );
-            }
-        }
-        Ok(out)
-    }
-
     /// Folds one projection's updates into its entities, per version.
     fn fold<'a>(
         &self,
@@ -1275,98 +787,6 @@ fn stripe_prefix(version_prefix: &str) -> String {
     format!("{version_prefix}:stripe:")
 }
 
-/// `<15-digit ms>|<event id>`: compares like `(time, id)`.
-pub fn clock(time_ms: i64, event_id: &str) -> String {
-    format!("{:015}|{event_id}", time_ms.max(0))
-}
-
-/// The (field, value) pairs of a flat `HGETALL` reply.
-fn pairs(flat: &[String]) -> impl Iterator<Item = (&str, &str)> {
-    flat.chunks_exact(2).map(|p| (p[0].as_str(), p[1].as_str()))
-}
-
-/// Builds an [`EntityState`] from an entity hash's (field, value) pairs.
-///
-/// The fields hold JSON text (the processor writes it with serde_json), and
-/// the document copies that text as it is, in field-name order: parsing each
-/// value into a `Value` and writing it out again was a sixth of the live
-/// processor's time. A value that is not JSON (written by someone else) is
-/// published as a JSON string.
-pub fn entity_state<'a>(
-    projection: &str,
-    key: &str,
-    version: u64,
-    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-) -> EntityState {
-    let mut fields: Vec<(&str, &str)> = Vec::new();
-    let mut updated = None;
-    let mut rev = 0;
-    for (f, v) in pairs {
-        if f == "~updated" {
-            updated = Some(v);
-        } else if f == fold::REV {
-            rev = v.parse().unwrap_or(0);
-        } else if !f.starts_with('~') {
-            fields.push((f, v));
-        }
-    }
-    fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    let (updated_at, last_event_id) = match updated.and_then(|u| u.split_once('|')) {
-        Some((ms, id)) => {
-            let at = ms
-                .parse::<i64>()
-                .ok()
-                .and_then(chrono::DateTime::from_timestamp_millis)
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
-            (at, Some(id))
-        }
-        None => (None, None),
-    };
-    let size: usize = fields.iter().map(|(f, v)| f.len() + v.len() + 4).sum();
-    let mut json = Vec::with_capacity(size + projection.len() + key.len() + 160);
-    json.extend_from_slice(b"{\"projection\":");
-    json_string(&mut json, projection);
-    json.extend_from_slice(b",\"key\":");
-    json_string(&mut json, key);
-    json.extend_from_slice(format!(",\"version\":{version},\"state\":{{").as_bytes());
-    for (i, (f, v)) in fields.into_iter().enumerate() {
-        if i > 0 {
-            json.push(b',');
-        }
-        json_string(&mut json, f);
-        json.push(b':');
-        match serde_json::from_str::<&serde_json::value::RawValue>(v) {
-            Ok(raw) => json.extend_from_slice(raw.get().as_bytes()),
-            Err(_) => json_string(&mut json, v),
-        }
-    }
-    json.extend_from_slice(b"},\"updated_at\":");
-    json_option(&mut json, updated_at.as_deref());
-    json.extend_from_slice(b",\"last_event_id\":");
-    json_option(&mut json, last_event_id);
-    json.push(b'}');
-    EntityState {
-        projection: projection.into(),
-        key: key.into(),
-        version,
-        rev,
-        json,
-    }
-}
-
-/// Appends `s` as a JSON string.
-fn json_string(out: &mut Vec<u8>, s: &str) {
-    serde_json::to_writer(out, s).expect("a string serializes into a Vec");
-}
-
-/// Appends `s` as a JSON string, or `null`.
-fn json_option(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        Some(s) => json_string(out, s),
-        None => out.extend_from_slice(b"null"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1405,31 +825,6 @@ mod tests {
     }
 
     #[test]
-    fn watched_commits_back_off_after_losses_in_a_row() {
-        let b = WatchBackoff::default();
-        let skipped_after = |b: &WatchBackoff| {
-            let mut n = 0;
-            while !b.should_watch() {
-                n += 1;
-            }
-            n
-        };
-        assert!(b.should_watch(), "watch until something is lost");
-        b.outcome(false);
-        assert_eq!(skipped_after(&b), 1);
-        b.outcome(false);
-        assert_eq!(skipped_after(&b), 2);
-        for _ in 0..10 {
-            b.outcome(false);
-        }
-        assert_eq!(skipped_after(&b), 64, "capped");
-        b.outcome(true);
-        b.outcome(false);
-        assert_eq!(skipped_after(&b), 1, "a commit that ran ends the streak");
-        assert_eq!(b.lost.load(Ordering::Relaxed), 13);
-    }
-
-    #[test]
     fn lost_race_backoff_grows_and_is_capped() {
         for _ in 0..100 {
             assert!(lost_race_backoff(1) <= Duration::from_millis(1));
@@ -1438,127 +833,5 @@ mod tests {
         }
         let spread: HashSet<_> = (0..50).map(|_| lost_race_backoff(7)).collect();
         assert!(spread.len() > 1, "jittered, not lockstep");
-    }
-
-    #[test]
-    fn a_marker_lives_one_window_and_at_most_one_bucket_more() {
-        let window = 30 * 86_400;
-        for now in [1_764_000_000, 1_764_000_001, 1_764_323_999, 1_764_324_000] {
-            let (start, expiry) = marker_bucket(now, window);
-            assert!(start <= now && now - start < window / BUCKETS_PER_WINDOW);
-            assert!(expiry >= now + window);
-            assert!(expiry <= now + window + window / BUCKETS_PER_WINDOW);
-        }
-        // Times in one bucket share it; the next bucket starts a width later.
-        assert_eq!(marker_bucket(1000, 80).0, marker_bucket(1009, 80).0);
-        assert_eq!(marker_bucket(1010, 80).0, 1010);
-        // A tiny window still gets one-second buckets.
-        assert_eq!(marker_bucket(1234, 3), (1234, 1238));
-    }
-
-    #[test]
-    fn clocks_order_by_time_then_id() {
-        assert!(clock(2, "a") > clock(1, "z"));
-        assert!(clock(1, "b") > clock(1, "a"));
-        assert!(clock(10, "a") > clock(9, "a"));
-    }
-
-    #[test]
-    fn builds_state_from_flat_reply() {
-        let flat = [
-            "carrier",
-            "\"FedEx\"",
-            "~c:carrier",
-            "x",
-            "total",
-            "12.5",
-            "~updated",
-            "001740830400000|e1",
-        ];
-        let flat: Vec<String> = flat.iter().map(|s| s.to_string()).collect();
-        let s = entity_state("orders", "ORD-1", 3, pairs(&flat));
-        assert_eq!(
-            s.document(),
-            serde_json::json!({
-                "projection": "orders",
-                "key": "ORD-1",
-                "version": 3,
-                "state": {"carrier": "FedEx", "total": 12.5},
-                "updated_at": "2025-03-01T12:00:00.000Z",
-                "last_event_id": "e1",
-            })
-        );
-        assert_eq!(s.rev, 0);
-        // Fields in name order, numbers as written.
-        let text = String::from_utf8(s.json).unwrap();
-        assert!(
-            text.contains(r#""state":{"carrier":"FedEx","total":12.5}"#),
-            "{text}"
-        );
-    }
-
-    /// The document as the processor built it before it copied field text:
-    /// every value parsed into a `Value`, text that is not JSON a string.
-    fn document_via_values(projection: &str, key: &str, version: u64, flat: &[String]) -> Value {
-        let mut state = serde_json::Map::new();
-        for (f, v) in pairs(flat).filter(|(f, _)| !f.starts_with('~')) {
-            let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
-            state.insert(f.to_owned(), value);
-        }
-        let s = entity_state(projection, key, version, pairs(flat));
-        let d = s.document();
-        serde_json::json!({
-            "projection": projection, "key": key, "version": version, "state": state,
-            "updated_at": d["updated_at"], "last_event_id": d["last_event_id"],
-        })
-    }
-
-    #[test]
-    fn copied_field_text_reads_as_the_parsed_values_would() {
-        let values = [
-            r#""plain""#,
-            r#""quote \" and \\ and \u00e9 and é""#,
-            "12345678901234567890123456789.000001",
-            "-0.5e-3",
-            "true",
-            "null",
-            r#"{"b":[1,{"c":null}],"a":"x"}"#,
-            "[]",
-            "not json",
-            "",
-            " 7 ",
-            "{\"unterminated\"",
-        ];
-        for (i, v) in values.iter().enumerate() {
-            let flat: Vec<String> = [
-                ("z_last", "1"),
-                (&format!("f{i}") as &str, v),
-                ("~rev", "4"),
-                ("~r:f", "2"),
-                ("a \"first\"", "\"k\""),
-                ("~updated", "000000000000005|evt \"1\""),
-            ]
-            .iter()
-            .flat_map(|(f, v)| [f.to_string(), v.to_string()])
-            .collect();
-            let s = entity_state("p\"q", "key/\u{1}", 9, pairs(&flat));
-            assert_eq!(s.rev, 4);
-            assert_eq!(
-                s.document(),
-                document_via_values("p\"q", "key/\u{1}", 9, &flat),
-                "{v}"
-            );
-            assert_eq!(s.document()["last_event_id"], "evt \"1\"");
-            assert_eq!(s.document()["updated_at"], "1970-01-01T00:00:00.005Z");
-        }
-    }
-
-    #[test]
-    fn a_state_without_clock_has_null_times() {
-        let flat = vec!["n".to_string(), "1".to_string()];
-        let d = entity_state("p", "k", 1, pairs(&flat)).document();
-        assert_eq!(d["updated_at"], Value::Null);
-        assert_eq!(d["last_event_id"], Value::Null);
-        assert_eq!(d["state"], serde_json::json!({"n": 1}));
     }
 }
