@@ -24,9 +24,10 @@ bench: ## Benchmarks side by side (BENCH_QUICK=1 for ~2 min); writes docs/benchm
 	$(CARGO) build --release --workspace --bins
 	HOOKLOG_BIN_PROFILE=release TANSU_STORAGE=memory REDIS_APPENDFSYNC=everysec $(CARGO) run --release -q -p hooklog-e2e --bin hooklog-bench
 
-lint: ## cargo fmt --check and clippy -D warnings
+lint: ## cargo fmt --check, clippy -D warnings, rustdoc -D warnings
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items -q
 	deploy/local/lint-deploy.sh
 
 build: ## Release build of both binaries

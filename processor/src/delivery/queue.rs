@@ -27,7 +27,7 @@ redis.call('EXPIRE', KEYS[3], ARGV[3])
 return 1
 ";
 
-/// Takes up to ARGV[3] due jobs and pushes their due time to the lease end.
+/// Takes up to `ARGV[3]` due jobs and pushes their due time to the lease end.
 const CLAIM: &str = r"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], m) end

@@ -153,7 +153,7 @@ pub fn rfc3339(ms: i64) -> String {
 }
 
 /// Sets fields only when the subscription still exists; with a non-empty
-/// ARGV[1] the first field is set only when absent (HSETNX semantics).
+/// `ARGV[1]` the first field is set only when absent (HSETNX semantics).
 const SET_IF_EXISTS: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] == 'nx' then

@@ -2,7 +2,7 @@
 //!
 //! - [`spec`]: the `[[projection]]` config and the mapping from an event to
 //!   an [`spec::Update`] (pure, unit-tested);
-//! - [`pointer`]: JSON pointers into event bodies, and parsing only what
+//! - [`pointer`](mod@pointer): JSON pointers into event bodies, and parsing only what
 //!   they reach;
 //! - [`fold`]: the merge rules, applied to an entity in memory (pure);
 //! - [`store`]: the Redis side: versions, read → fold → compare-and-set
