@@ -4,10 +4,9 @@
 //! sum over distinct event ids. Applying one event per call and a whole
 //! delivery in one call give the same state too.
 
-use hooklog_e2e::{shared_stack, unique};
+use hooklog_e2e::{events, shared_stack, unique};
 use hooklog_processor::projection::spec::{ProjectionSpec, Update};
 use hooklog_processor::projection::store::{stripe_of, Applied, Store, Target};
-use hooklog_schemas::WebhookEvent;
 use proptest::prelude::*;
 
 const SPEC: &str = r#"
@@ -63,7 +62,13 @@ async fn apply_all(store: &Store, events: &[(usize, Ev)], batch: usize) -> serde
             if let Some(n) = &e.note {
                 body["note"] = n.clone().into();
             }
-            let event = order_event(*id, &body);
+            let event = events::raw(
+                "s",
+                "hmac-sha256",
+                &format!("evt-{id}"),
+                "order.updated",
+                &body.to_string(),
+            );
             let spec = spec_with_status(e.status);
             let update = spec
                 .map(&spec.rules[0], &event.view(), Some(&body))
@@ -453,26 +458,17 @@ fn order_updates(
     let mut updates = Vec::new();
     for id in ids {
         let body = serde_json::json!({"order_id": order, "at": 1_740_000_000 + id, "carrier": "A", "amount": 2});
-        let event = order_event(id, &body);
+        let event = events::raw(
+            "s",
+            "hmac-sha256",
+            &format!("evt-{id}"),
+            "order.updated",
+            &body.to_string(),
+        );
         let update = spec
             .map(&spec.rules[0], &event.view(), Some(&body))
             .unwrap();
         updates.push((update, event.event_id));
     }
     updates
-}
-
-/// An `order.updated` event `evt-<id>` with this body.
-fn order_event(id: usize, body: &serde_json::Value) -> WebhookEvent {
-    WebhookEvent {
-        event_id: format!("evt-{id}"),
-        source: "s".into(),
-        scheme: "hmac-sha256".into(),
-        event_type: "order.updated".into(),
-        body: body.to_string().into_bytes(),
-        headers: vec![],
-        provider_timestamp: None,
-        received_at_ms: 0,
-        key_id: 0,
-    }
 }
