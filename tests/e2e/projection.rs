@@ -7,6 +7,7 @@
 use hooklog_e2e::{events, shared_stack, unique};
 use hooklog_processor::projection::spec::{ProjectionSpec, Update};
 use hooklog_processor::projection::store::{stripe_of, Applied, Store, Target};
+use hooklog_schemas::WebhookEvent;
 use proptest::prelude::*;
 
 const SPEC: &str = r#"
@@ -62,13 +63,7 @@ async fn apply_all(store: &Store, events: &[(usize, Ev)], batch: usize) -> serde
             if let Some(n) = &e.note {
                 body["note"] = n.clone().into();
             }
-            let event = events::raw(
-                "s",
-                "hmac-sha256",
-                &format!("evt-{id}"),
-                "order.updated",
-                &body.to_string(),
-            );
+            let event = order_event(*id, &body);
             let spec = spec_with_status(e.status);
             let update = spec
                 .map(&spec.rules[0], &event.view(), Some(&body))
@@ -458,17 +453,22 @@ fn order_updates(
     let mut updates = Vec::new();
     for id in ids {
         let body = serde_json::json!({"order_id": order, "at": 1_740_000_000 + id, "carrier": "A", "amount": 2});
-        let event = events::raw(
-            "s",
-            "hmac-sha256",
-            &format!("evt-{id}"),
-            "order.updated",
-            &body.to_string(),
-        );
+        let event = order_event(id, &body);
         let update = spec
             .map(&spec.rules[0], &event.view(), Some(&body))
             .unwrap();
         updates.push((update, event.event_id));
     }
     updates
+}
+
+/// An `order.updated` event `evt-<id>` with this body.
+fn order_event(id: usize, body: &serde_json::Value) -> WebhookEvent {
+    events::raw(
+        "s",
+        "hmac-sha256",
+        &format!("evt-{id}"),
+        "order.updated",
+        &body.to_string(),
+    )
 }
