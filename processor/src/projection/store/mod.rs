@@ -304,9 +304,6 @@ impl Store {
         updates: &[(&Update, &str)],
         target: Target,
     ) -> Result<Vec<Applied>, RedisError> {
-        if updates.is_empty() {
-            return Ok(Vec::new());
-        }
         if updates.len() < MIN_SHARDED {
             return self.apply_shard(updates, target).await;
         }
