@@ -228,16 +228,25 @@ impl Service {
             .ok()
     }
 
-    /// CPU time (user + system) the process has used so far, in seconds,
-    /// from /proc (in clock ticks of 1/100 s, as on every Linux here).
+    /// [`process_cpu_secs`] of the supervised process.
     pub fn cpu_secs(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
-        // Fields after the parenthesised command name: utime is the 12th,
-        // stime the 13th.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks: u64 =
-            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some(ticks as f64 / 100.0)
+        process_cpu_secs(self.pid()?)
+    }
+
+    /// [`Service::cpu_secs`] of the process and all its live descendants
+    /// (gunicorn's workers are its children).
+    pub fn tree_cpu_secs(&self) -> Option<f64> {
+        fn tree(pid: u32) -> f64 {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            process_cpu_secs(pid).unwrap_or(0.0)
+                + children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse().ok())
+                    .map(tree)
+                    .sum::<f64>()
+        }
+        Some(tree(self.pid()?))
     }
 
     /// Sends a signal (e.g. `-TERM`) without waiting.
@@ -310,6 +319,17 @@ impl Drop for Service {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// CPU time (user + system) process `pid` has used so far, in seconds, from
+/// /proc (in clock ticks of 1/100 s, as on every Linux here).
+pub fn process_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: utime is the 12th,
+    // stime the 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 /// A Kafka-protocol broker and a Redis.

@@ -15,12 +15,25 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hooklog_e2e::events::{self, raw};
-use hooklog_e2e::{free_port, kafka, metric, secret, sign, Service, Stack, TestEnv};
+use hooklog_e2e::{
+    free_port, kafka, metric, process_cpu_secs, secret, sign, Service, Stack, TestEnv,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
+/// One load run: the latency of each request answered after the warm-up
+/// (µs), how long that part took, how many of them failed, and how many
+/// requests were sent in all (warm-up included: the CPU counters see those).
+struct Run {
+    latencies_us: Vec<u64>,
+    secs: f64,
+    non_2xx: u64,
+    sent: u64,
+}
+
+/// One or more runs against the same server, merged.
 struct Load {
     rps: f64,
     p50_ms: f64,
@@ -28,6 +41,34 @@ struct Load {
     p999_ms: f64,
     non_2xx: u64,
     requests: u64,
+    /// Each run's req/s, in order.
+    rounds_rps: Vec<f64>,
+}
+
+impl Load {
+    fn of(runs: &[Run]) -> Self {
+        let mut lat: Vec<u64> = runs.iter().flat_map(|r| r.latencies_us.clone()).collect();
+        lat.sort_unstable();
+        let pct = |p: f64| {
+            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0) as f64
+                / 1000.0
+        };
+        let secs: f64 = runs.iter().map(|r| r.secs).sum();
+        Load {
+            rps: lat.len() as f64 / secs.max(0.001),
+            p50_ms: pct(0.5),
+            p99_ms: pct(0.99),
+            p999_ms: pct(0.999),
+            non_2xx: runs.iter().map(|r| r.non_2xx).sum(),
+            requests: lat.len() as u64,
+            rounds_rps: runs
+                .iter()
+                .map(|r| r.latencies_us.len() as f64 / r.secs)
+                .collect(),
+        }
+    }
 }
 
 /// Signed 1 KB generic-scheme bodies with unique event ids, `concurrency`
@@ -44,7 +85,7 @@ async fn load(
     duration: Duration,
     max_requests: u64,
     warmup: Duration,
-) -> Load {
+) -> Run {
     let uri: hyper::Uri = url.parse().expect("a load URL");
     let authority = uri.authority().expect("a load URL with a host").to_string();
     let path = uri.path().to_owned();
@@ -112,24 +153,14 @@ async fn load(
         lat.extend(l);
         bad += b;
     }
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    let measured = Instant::now()
-        .saturating_duration_since(warm_until)
-        .as_secs_f64()
-        .max(0.001);
-    Load {
-        rps: lat.len() as f64 / measured,
-        p50_ms: pct(0.5),
-        p99_ms: pct(0.99),
-        p999_ms: pct(0.999),
+    Run {
+        latencies_us: lat,
+        secs: Instant::now()
+            .saturating_duration_since(warm_until)
+            .as_secs_f64()
+            .max(0.001),
         non_2xx: bad,
-        requests: lat.len() as u64,
+        sent: sent.load(Ordering::Relaxed).min(max_requests),
     }
 }
 
@@ -155,6 +186,74 @@ async fn ready_connection<'a>(
         *conn = Some(sender);
     }
     conn.as_mut()
+}
+
+/// A server under load, and whose CPU counts as its own.
+struct Target<'a> {
+    url: String,
+    server: &'a Service,
+    /// Count the server's child processes too (gunicorn's workers).
+    with_children: bool,
+}
+
+impl Target<'_> {
+    /// CPU seconds used so far by the server, the broker and this process
+    /// (the load generator).
+    fn cpu_now(&self, broker: Option<&Service>) -> [f64; 3] {
+        let server = if self.with_children {
+            self.server.tree_cpu_secs()
+        } else {
+            self.server.cpu_secs()
+        };
+        [
+            server.unwrap_or(0.0),
+            broker.and_then(Service::cpu_secs).unwrap_or(0.0),
+            process_cpu_secs(std::process::id()).unwrap_or(0.0),
+        ]
+    }
+}
+
+/// A target's runs merged, and the CPU each request cost.
+struct Measured {
+    load: Load,
+    /// CPU per request sent, µs: the server's, the broker's, and the load
+    /// generator's.
+    cpu_us: [f64; 3],
+}
+
+/// Loads each target in turn, `rounds` times over (a, b, a, b, …), so the
+/// slow moments of a shared machine fall on all of them rather than on one.
+async fn side_by_side(
+    targets: &[Target<'_>],
+    broker: Option<&Service>,
+    rounds: usize,
+    duration: Duration,
+    max_requests: u64,
+    warmup: Duration,
+) -> Vec<Measured> {
+    let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
+    let mut cpu = vec![[0.0; 3]; targets.len()];
+    for _ in 0..rounds {
+        for (i, target) in targets.iter().enumerate() {
+            let before = target.cpu_now(broker);
+            let run = load(target.url.clone(), 64, duration, max_requests, warmup).await;
+            let after = target.cpu_now(broker);
+            for k in 0..3 {
+                cpu[i][k] += after[k] - before[k];
+            }
+            runs[i].push(run);
+        }
+    }
+    runs.iter()
+        .zip(cpu)
+        .map(|(runs, cpu)| {
+            let sent = runs.iter().map(|r| r.sent).sum::<u64>().max(1) as f64;
+            Measured {
+                load: Load::of(runs),
+                cpu_us: cpu.map(|secs| secs * 1e6 / sent),
+            }
+        })
+        .collect()
 }
 
 /// Starts the seed article's receiver (bench/seed_receiver.py) under
@@ -259,13 +358,15 @@ async fn wait_applied(url: &str, n: f64, timeout: Duration) -> Duration {
 async fn main() {
     let smoke = std::env::var("BENCH_SMOKE").is_ok();
     let quick = smoke || std::env::var("BENCH_QUICK").is_ok();
-    let duration = Duration::from_secs(if smoke {
-        1
+    // Ingest and the seed-style receiver take turns, `rounds` loads of
+    // `duration` each.
+    let (rounds, duration) = if smoke {
+        (1, Duration::from_secs(1))
     } else if quick {
-        5
+        (2, Duration::from_secs(3))
     } else {
-        20
-    });
+        (3, Duration::from_secs(7))
+    };
     let max_requests = if smoke { 300 } else { u64::MAX };
     let warmup = Duration::from_secs(if smoke { 0 } else { 1 });
     let records = records_from_env("BENCH_RECORDS").unwrap_or(if smoke {
@@ -288,44 +389,52 @@ async fn main() {
     .with_log("info");
     env.create_topics();
 
-    // 1. Ingest (verified + acks=all) vs the bare HTTP limit.
+    // 1. Ingest (verified + acks=all) and the seed-style receiver (Flask +
+    //    gunicorn + confluent-kafka), loaded in turns; then the bare HTTP
+    //    limit.
     let ingest = env.ingest();
-    let hooklog = load(
-        format!("{}/webhooks/fulfillment", env.ingest_url()),
-        64,
+    let seed = seed_receiver(&env, smoke);
+    let mut targets = vec![Target {
+        url: format!("{}/webhooks/fulfillment", env.ingest_url()),
+        server: &ingest,
+        with_children: false,
+    }];
+    if let Some((server, port)) = &seed {
+        targets.push(Target {
+            url: format!("http://127.0.0.1:{port}/webhooks/fulfillment"),
+            server,
+            with_children: true,
+        });
+    }
+    let mut measured = side_by_side(
+        &targets,
+        stack.tansu.as_ref(),
+        rounds,
         duration,
         max_requests,
         warmup,
     )
-    .await;
+    .await
+    .into_iter();
+    drop(targets);
+    let hooklog_measured = measured.next().expect("ingest was measured");
+    let seed_measured = measured.next();
+    let hooklog = &hooklog_measured.load;
+    let seed_style = seed_measured.as_ref().map(|m| &m.load);
     let ingest_rss = ingest.peak_rss_kib().unwrap_or(0);
     drop(ingest);
+    if let Some((mut server, _)) = seed {
+        server.kill();
+    }
     let port = bare_axum().await;
-    let bare = load(
+    let bare = Load::of(&[load(
         format!("http://127.0.0.1:{port}/webhooks/fulfillment"),
         64,
-        duration,
+        duration * rounds as u32,
         max_requests,
         warmup,
     )
-    .await;
-
-    // 1b. The seed-style receiver (Flask + gunicorn + confluent-kafka).
-    let seed = match (smoke, seed_receiver(&env, smoke)) {
-        (false, Some((mut server, port))) => {
-            let r = load(
-                format!("http://127.0.0.1:{port}/webhooks/fulfillment"),
-                64,
-                duration,
-                max_requests,
-                warmup,
-            )
-            .await;
-            server.kill();
-            Some(r)
-        }
-        _ => None,
-    };
+    .await]);
 
     let producer = kafka::producer(&env.brokers);
 
@@ -482,7 +591,7 @@ async fn main() {
         ),
         (
             "seed-style Flask + gunicorn + confluent-kafka, req/s",
-            seed.as_ref().map_or(f64::NAN, |s| s.rps),
+            seed_style.map_or(f64::NAN, |s| s.rps),
             "baseline (seed article)".into(),
         ),
         (
@@ -515,9 +624,27 @@ async fn main() {
         "| ingest latency at concurrency 64, ms | p50 {:.2} / p99 {:.2} / p99.9 {:.2} | p99 ≤ 50 |\n| ingest non-2xx | {} of {} | 0 |\n| peak RSS ingest / processor, MiB | {:.1} / {:.1} | ingest ≤ 64 |\n",
         hooklog.p50_ms, hooklog.p99_ms, hooklog.p999_ms, hooklog.non_2xx, hooklog.requests, ingest_rss as f64 / 1024.0, proc_rss as f64 / 1024.0
     ));
+    let cpu_cell = |name: &str, m: &Measured| {
+        format!(
+            "{name} {:.0} + {:.0} ({:.0})",
+            m.cpu_us[0], m.cpu_us[1], m.cpu_us[2]
+        )
+    };
     table.push_str(&format!(
-        "| ratios | ingest / seed-style {:.1}, ingest / producer {:.2}, ingest / bare axum {:.2}, processor / batch-1 {:.1} | |\n",
-        seed.as_ref().map_or(f64::NAN, |s| hooklog.rps / s.rps),
+        "| CPU per request, µs: server + Tansu (load generator) | {}{} | |\n",
+        cpu_cell("ingest", &hooklog_measured),
+        seed_measured.as_ref().map_or(String::new(), |m| format!(
+            "; {}",
+            cpu_cell("seed-style", m)
+        ))
+    ));
+    let pipeline_cpu = |m: &Measured| m.cpu_us[0] + m.cpu_us[1];
+    table.push_str(&format!(
+        "| ratios | ingest / seed-style {:.1} (CPU per request, server + Tansu: seed-style / ingest {:.1}), ingest / producer {:.2}, ingest / bare axum {:.2}, processor / batch-1 {:.1} | |\n",
+        seed_style.map_or(f64::NAN, |s| hooklog.rps / s.rps),
+        seed_measured
+            .as_ref()
+            .map_or(f64::NAN, |m| pipeline_cpu(m) / pipeline_cpu(&hooklog_measured)),
         hooklog.rps / producer_rps,
         hooklog.rps / bare.rps,
         proc_rate / naive_rate
@@ -550,13 +677,28 @@ async fn main() {
         .trim()
     );
     let mode = format!(
-        "{} ({} s loads, {} records)",
+        "{} ({rounds} loads of {} s each for ingest and the seed-style receiver, in turns; {} records)",
         if quick { "BENCH_QUICK=1" } else { "full" },
         duration.as_secs(),
         thousands(records)
     );
+    let per_round = |l: &Load| {
+        l.rounds_rps
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let turns = format!(
+        "Ingest and the seed-style receiver took turns (ingest, seed-style, ingest, …), so a slow moment of the shared machine falls on both; each load ran {} s after a {} s warm-up. Each turn's req/s: ingest {}; seed-style {}. CPU per request counts every request sent, warm-up included, and the seed-style receiver's gunicorn workers with it",
+        duration.as_secs(),
+        warmup.as_secs(),
+        per_round(hooklog),
+        seed_style.map_or("not run".into(), per_round),
+    );
+    println!("{turns}");
     let doc = format!(
-        "# Benchmarks\n\nWritten by `make bench` on {started_at}; mode: {mode}.\n\nMachine: {machine}. Broker: Tansu 0.6.0, memory storage (every reader starts at the beginning of the log), Redis (Debian) on loopback; release builds.\n\nCommand: `make bench` (`BENCH_QUICK=1 make bench` for a short run).\n\n{table}\nProcessor run: {diagnosis}. Rebuild: {rebuild_note}.\n\nThe seed-style receiver is `bench/seed_receiver.py` (the seed article's Flask receiver: verify `X-Webhook-Signature`, produce with confluent-kafka `acks=all`, wait for the delivery report, answer 200) under gunicorn with one sync worker per core, loaded exactly like ingest. Absolute figures on a shared 2-core machine are noisy; compare the ratios, measured side by side in one run. The load generator runs on the same 2 cores as everything it measures.\n"
+        "# Benchmarks\n\nWritten by `make bench` on {started_at}; mode: {mode}.\n\nMachine: {machine}. Broker: Tansu 0.6.0, memory storage (every reader starts at the beginning of the log), Redis (Debian) on loopback; release builds.\n\nCommand: `make bench` (`BENCH_QUICK=1 make bench` for a short run).\n\n{table}\n{turns}.\n\nProcessor run: {diagnosis}. Rebuild: {rebuild_note}.\n\nThe seed-style receiver is `bench/seed_receiver.py` (the seed article's Flask receiver: verify `X-Webhook-Signature`, produce with confluent-kafka `acks=all`, wait for the delivery report, answer 200) under gunicorn with one sync worker per core, loaded exactly like ingest. Absolute figures on a shared 2-core machine are noisy; compare the ratios, measured side by side in one run. The load generator runs on the same 2 cores as everything it measures.\n"
     );
     // The analysis of the limits is kept by hand in bench/limits.md.
     let limits =
@@ -568,9 +710,9 @@ async fn main() {
     .unwrap();
     let raw = json!({
         "date": started_at, "mode": mode, "machine": machine,
-        "ingest": {"rps": hooklog.rps, "p50_ms": hooklog.p50_ms, "p99_ms": hooklog.p99_ms, "p999_ms": hooklog.p999_ms, "non_2xx": hooklog.non_2xx, "peak_rss_kib": ingest_rss},
+        "ingest": {"rps": hooklog.rps, "rounds_rps": hooklog.rounds_rps, "cpu_us_per_request": cpu_json(&hooklog_measured), "p50_ms": hooklog.p50_ms, "p99_ms": hooklog.p99_ms, "p999_ms": hooklog.p999_ms, "non_2xx": hooklog.non_2xx, "peak_rss_kib": ingest_rss},
         "bare_axum_rps": bare.rps, "producer_msgs_per_s": producer_rps,
-        "seed_style": seed.as_ref().map(|s| json!({"rps": s.rps, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "non_2xx": s.non_2xx})),
+        "seed_style": seed_measured.as_ref().map(|m| json!({"rps": m.load.rps, "rounds_rps": m.load.rounds_rps, "p50_ms": m.load.p50_ms, "p99_ms": m.load.p99_ms, "non_2xx": m.load.non_2xx, "cpu_us_per_request": cpu_json(m)})),
         "processor": {"events_per_s": proc_rate, "batch_size": batch_size, "batch1_events_per_s": naive_rate, "peak_rss_kib": proc_rss, "records": records, "cpu_s": proc_cpu, "redis_cpu_s": redis_main, "redis_fork_cpu_s": redis_forks},
         "rebuild_events_per_s": rebuild_rate,
         "rebuild": {"replayed": replayed, "replay_s": replay_secs, "command_s": rebuild_wall},
@@ -617,6 +759,11 @@ fn replay_figures(out: &str) -> Option<(f64, f64)> {
     let records = words.get(at.checked_sub(2)?)?.parse().ok()?;
     let secs: f64 = words.get(at + 2)?.parse().ok()?;
     Some((records, secs.max(0.05)))
+}
+
+/// A target's CPU per request for the JSON results.
+fn cpu_json(m: &Measured) -> serde_json::Value {
+    json!({"server": m.cpu_us[0], "tansu": m.cpu_us[1], "load_generator": m.cpu_us[2]})
 }
 
 /// A number of records set in the environment variable `name`, if set.
