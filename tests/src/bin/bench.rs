@@ -18,6 +18,7 @@ use hooklog_e2e::events::{self, raw};
 use hooklog_e2e::{
     free_port, kafka, metric, process_cpu_secs, secret, sign, Service, Stack, TestEnv,
 };
+use hooklog_schemas::headers;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -254,6 +255,58 @@ async fn side_by_side(
             }
         })
         .collect()
+}
+
+/// Ingest's publish path alone, without HTTP or verification: 64 tasks, each
+/// publishing a 1 KB record through ingest's own `Publisher` (its producer
+/// settings) and awaiting the ack before the next, as ingest's requests do
+/// at concurrency 64. Records per second after the warm-up.
+async fn publish_alone(brokers: &str, topic: &str, duration: Duration, warmup: Duration) -> f64 {
+    let kafka = hooklog_schemas::kafka::KafkaConfig {
+        brokers: brokers.to_owned(),
+        ..Default::default()
+    };
+    let publisher = hooklog_ingest::publish::Publisher::new(&kafka, 10_000).expect("a publisher");
+    let warm_until = Instant::now() + warmup;
+    let end = warm_until + duration;
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..64 {
+        let (publisher, topic, acked) = (publisher.clone(), topic.to_owned(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let payload = vec![b'x'; 1024];
+            // The headers ingest attaches to each record.
+            let record_headers: [(&str, &[u8]); 3] = [
+                (
+                    headers::TRACEPARENT,
+                    b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+                (headers::SOURCE, b"fulfillment"),
+                (headers::EVENT_TYPE, b"bench.event"),
+            ];
+            let mut n = 0u64;
+            while Instant::now() < end {
+                n += 1;
+                let key = format!("pa-{w}-{n}");
+                let started = Instant::now();
+                publisher
+                    .publish(&topic, &key, &payload, &record_headers)
+                    .await
+                    .expect("the broker acknowledges");
+                if started >= warm_until {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    acked.load(Ordering::Relaxed) as f64
+        / Instant::now()
+            .saturating_duration_since(warm_until)
+            .as_secs_f64()
+            .max(0.001)
 }
 
 /// Starts the seed article's receiver (bench/seed_receiver.py) under
@@ -557,6 +610,7 @@ async fn main() {
     let t = Instant::now();
     kafka::produce_all(&producer, &env.topic("github"), &payloads).await;
     let producer_rps = payloads.len() as f64 / t.elapsed().as_secs_f64();
+    let publish_rps = publish_alone(&env.brokers, &env.topic("shopify"), duration, warmup).await;
 
     let naive_records = (records / 20).max(500);
     let naive = TestEnv::on(
@@ -605,6 +659,11 @@ async fn main() {
             "broker limit".into(),
         ),
         (
+            "ingest's publish path alone (64 records in flight, each awaited), msg/s",
+            publish_rps,
+            "broker limit at ingest's concurrency".into(),
+        ),
+        (
             batch_row.as_str(),
             proc_rate,
             "≥ 50,000 and ≥ 10 × batch 1".into(),
@@ -640,12 +699,13 @@ async fn main() {
     ));
     let pipeline_cpu = |m: &Measured| m.cpu_us[0] + m.cpu_us[1];
     table.push_str(&format!(
-        "| ratios | ingest / seed-style {:.1} (CPU per request, server + Tansu: seed-style / ingest {:.1}), ingest / producer {:.2}, ingest / bare axum {:.2}, processor / batch-1 {:.1} | |\n",
+        "| ratios | ingest / seed-style {:.1} (CPU per request, server + Tansu: seed-style / ingest {:.1}), ingest / producer {:.2}, ingest / publish path alone {:.2}, ingest / bare axum {:.2}, processor / batch-1 {:.1} | |\n",
         seed_style.map_or(f64::NAN, |s| hooklog.rps / s.rps),
         seed_measured
             .as_ref()
             .map_or(f64::NAN, |m| pipeline_cpu(m) / pipeline_cpu(&hooklog_measured)),
         hooklog.rps / producer_rps,
+        hooklog.rps / publish_rps,
         hooklog.rps / bare.rps,
         proc_rate / naive_rate
     ));
@@ -711,7 +771,7 @@ async fn main() {
     let raw = json!({
         "date": started_at, "mode": mode, "machine": machine,
         "ingest": {"rps": hooklog.rps, "rounds_rps": hooklog.rounds_rps, "cpu_us_per_request": cpu_json(&hooklog_measured), "p50_ms": hooklog.p50_ms, "p99_ms": hooklog.p99_ms, "p999_ms": hooklog.p999_ms, "non_2xx": hooklog.non_2xx, "peak_rss_kib": ingest_rss},
-        "bare_axum_rps": bare.rps, "producer_msgs_per_s": producer_rps,
+        "bare_axum_rps": bare.rps, "producer_msgs_per_s": producer_rps, "publish_alone_msgs_per_s": publish_rps,
         "seed_style": seed_measured.as_ref().map(|m| json!({"rps": m.load.rps, "rounds_rps": m.load.rounds_rps, "p50_ms": m.load.p50_ms, "p99_ms": m.load.p99_ms, "non_2xx": m.load.non_2xx, "cpu_us_per_request": cpu_json(m)})),
         "processor": {"events_per_s": proc_rate, "batch_size": batch_size, "batch1_events_per_s": naive_rate, "peak_rss_kib": proc_rss, "records": records, "cpu_s": proc_cpu, "redis_cpu_s": redis_main, "redis_fork_cpu_s": redis_forks},
         "rebuild_events_per_s": rebuild_rate,
