@@ -234,19 +234,20 @@ impl Service {
     }
 
     /// [`Service::cpu_secs`] of the process and all its live descendants
-    /// (gunicorn's workers are its children).
+    /// (gunicorn's workers are its children); None where the kernel does
+    /// not list a process's children.
     pub fn tree_cpu_secs(&self) -> Option<f64> {
-        fn tree(pid: u32) -> f64 {
-            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-                .unwrap_or_default();
-            process_cpu_secs(pid).unwrap_or(0.0)
-                + children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse().ok())
-                    .map(tree)
-                    .sum::<f64>()
+        fn tree(pid: u32) -> Option<f64> {
+            let children =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+            let mut secs = process_cpu_secs(pid)?;
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                // A child that exited in between no longer counts.
+                secs += tree(child).unwrap_or(0.0);
+            }
+            Some(secs)
         }
-        Some(tree(self.pid()?))
+        tree(self.pid()?)
     }
 
     /// Sends a signal (e.g. `-TERM`) without waiting.

@@ -206,10 +206,11 @@ impl Target<'_> {
         } else {
             self.server.cpu_secs()
         };
+        // NaN where /proc cannot say: the table shows it rather than a 0.
         [
-            server.unwrap_or(0.0),
-            broker.and_then(Service::cpu_secs).unwrap_or(0.0),
-            process_cpu_secs(std::process::id()).unwrap_or(0.0),
+            server.unwrap_or(f64::NAN),
+            broker.and_then(Service::cpu_secs).unwrap_or(f64::NAN),
+            process_cpu_secs(std::process::id()).unwrap_or(f64::NAN),
         ]
     }
 }
