@@ -197,30 +197,66 @@ struct Target<'a> {
     with_children: bool,
 }
 
+/// CPU of the server under load, the broker and the load generator (this
+/// process): seconds, or µs per request.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    server: f64,
+    broker: f64,
+    generator: f64,
+}
+
+impl Cpu {
+    fn map(self, f: impl Fn(f64) -> f64) -> Cpu {
+        Cpu {
+            server: f(self.server),
+            broker: f(self.broker),
+            generator: f(self.generator),
+        }
+    }
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, rhs: Cpu) -> Cpu {
+        Cpu {
+            server: self.server - rhs.server,
+            broker: self.broker - rhs.broker,
+            generator: self.generator - rhs.generator,
+        }
+    }
+}
+
+impl std::ops::AddAssign for Cpu {
+    fn add_assign(&mut self, rhs: Cpu) {
+        self.server += rhs.server;
+        self.broker += rhs.broker;
+        self.generator += rhs.generator;
+    }
+}
+
 impl Target<'_> {
-    /// CPU seconds used so far by the server, the broker and this process
-    /// (the load generator).
-    fn cpu_now(&self, broker: Option<&Service>) -> [f64; 3] {
+    /// CPU seconds used so far.
+    fn cpu_now(&self, broker: Option<&Service>) -> Cpu {
         let server = if self.with_children {
             self.server.tree_cpu_secs()
         } else {
             self.server.cpu_secs()
         };
         // NaN where /proc cannot say: the table shows it rather than a 0.
-        [
-            server.unwrap_or(f64::NAN),
-            broker.and_then(Service::cpu_secs).unwrap_or(f64::NAN),
-            process_cpu_secs(std::process::id()).unwrap_or(f64::NAN),
-        ]
+        Cpu {
+            server: server.unwrap_or(f64::NAN),
+            broker: broker.and_then(Service::cpu_secs).unwrap_or(f64::NAN),
+            generator: process_cpu_secs(std::process::id()).unwrap_or(f64::NAN),
+        }
     }
 }
 
 /// A target's runs merged, and the CPU each request cost.
 struct Measured {
     load: Load,
-    /// CPU per request sent, µs: the server's, the broker's, and the load
-    /// generator's.
-    cpu_us: [f64; 3],
+    /// CPU per request sent, µs.
+    cpu_us: Cpu,
 }
 
 /// Loads each target in turn, `rounds` times over (a, b, a, b, …), so the
@@ -234,15 +270,13 @@ async fn side_by_side(
     warmup: Duration,
 ) -> Vec<Measured> {
     let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
-    let mut cpu = vec![[0.0; 3]; targets.len()];
+    let mut cpu = vec![Cpu::default(); targets.len()];
     for _ in 0..rounds {
         for (i, target) in targets.iter().enumerate() {
             let before = target.cpu_now(broker);
             let run = load(target.url.clone(), 64, duration, max_requests, warmup).await;
             let after = target.cpu_now(broker);
-            for k in 0..3 {
-                cpu[i][k] += after[k] - before[k];
-            }
+            cpu[i] += after - before;
             runs[i].push(run);
         }
     }
@@ -687,7 +721,7 @@ async fn main() {
     let cpu_cell = |name: &str, m: &Measured| {
         format!(
             "{name} {:.0} + {:.0} ({:.0})",
-            m.cpu_us[0], m.cpu_us[1], m.cpu_us[2]
+            m.cpu_us.server, m.cpu_us.broker, m.cpu_us.generator
         )
     };
     table.push_str(&format!(
@@ -698,7 +732,7 @@ async fn main() {
             cpu_cell("seed-style", m)
         ))
     ));
-    let pipeline_cpu = |m: &Measured| m.cpu_us[0] + m.cpu_us[1];
+    let pipeline_cpu = |m: &Measured| m.cpu_us.server + m.cpu_us.broker;
     table.push_str(&format!(
         "| ratios | ingest / seed-style {:.1} (CPU per request, server + Tansu: seed-style / ingest {:.1}), ingest / producer {:.2}, ingest / publish path alone {:.2}, ingest / bare axum {:.2}, processor / batch-1 {:.1} | |\n",
         seed_style.map_or(f64::NAN, |s| hooklog.rps / s.rps),
@@ -824,7 +858,7 @@ fn replay_figures(out: &str) -> Option<(f64, f64)> {
 
 /// A target's CPU per request for the JSON results.
 fn cpu_json(m: &Measured) -> serde_json::Value {
-    json!({"server": m.cpu_us[0], "tansu": m.cpu_us[1], "load_generator": m.cpu_us[2]})
+    json!({"server": m.cpu_us.server, "tansu": m.cpu_us.broker, "load_generator": m.cpu_us.generator})
 }
 
 /// A number of records set in the environment variable `name`, if set.
