@@ -1,5 +1,5 @@
 # Hooklog. Logic lives in deploy/local/ scripts; targets stay thin.
-.PHONY: help run test test-scale bench lint build dev-up dev-down clean
+.PHONY: help run test test-scale bench profile lint build dev-up dev-down clean
 
 CARGO ?= cargo
 TEST_THREADS ?= 4
@@ -23,6 +23,9 @@ bench: ## Benchmarks side by side (BENCH_QUICK=1 for ~2 min); writes docs/benchm
 	deploy/local/install.sh
 	$(CARGO) build --release --workspace --bins
 	HOOKLOG_BIN_PROFILE=release TANSU_STORAGE=memory REDIS_APPENDFSYNC=everysec $(CARGO) run --release -q -p hooklog-e2e --bin hooklog-bench
+
+profile: ## perf + flamegraph of one binary under the bench load (WHAT=ingest|processor); writes bench/profiles/
+	bench/profile.sh $(or $(WHAT),ingest)
 
 lint: ## cargo fmt --check, clippy -D warnings, rustdoc -D warnings
 	$(CARGO) fmt --all -- --check

@@ -7,7 +7,8 @@
 //! records, no file written (run by `make test` so the harness cannot rot);
 //! `BENCH_RECORDS=N`: preload N records for the processor and the rebuild;
 //! `BENCH_BATCH=N`: the processor's `batch_size` for its measured run
-//! (default 10,000: a catch-up's setting; see `bench/limits.md`).
+//! (default 10,000: a catch-up's setting; see `bench/limits.md`);
+//! `BENCH_NO_WRITE=1`: print, write no file (`bench/profile.sh`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -745,7 +746,24 @@ async fn main() {
         proc_rate / naive_rate
     ));
     println!("{table}");
-    if smoke {
+    let per_round = |l: &Load| {
+        l.rounds_rps
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let turns = format!(
+        "Ingest and the seed-style receiver took turns (ingest, seed-style, ingest, …), so a slow moment of the shared machine falls on both; each load ran {} s after a {} s warm-up. Each turn's req/s: ingest {}; seed-style {}. CPU per request counts every request sent, warm-up included, and the seed-style receiver's gunicorn workers with it",
+        duration.as_secs(),
+        warmup.as_secs(),
+        per_round(hooklog),
+        seed_style.map_or("not run".into(), per_round),
+    );
+    println!("{turns}");
+    // The smoke run, and bench/profile.sh (which stops the run midway),
+    // leave the committed results alone.
+    if smoke || std::env::var("BENCH_NO_WRITE").is_ok() {
         return;
     }
     let machine = format!(
@@ -777,21 +795,6 @@ async fn main() {
         duration.as_secs(),
         thousands(records)
     );
-    let per_round = |l: &Load| {
-        l.rounds_rps
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    };
-    let turns = format!(
-        "Ingest and the seed-style receiver took turns (ingest, seed-style, ingest, …), so a slow moment of the shared machine falls on both; each load ran {} s after a {} s warm-up. Each turn's req/s: ingest {}; seed-style {}. CPU per request counts every request sent, warm-up included, and the seed-style receiver's gunicorn workers with it",
-        duration.as_secs(),
-        warmup.as_secs(),
-        per_round(hooklog),
-        seed_style.map_or("not run".into(), per_round),
-    );
-    println!("{turns}");
     let doc = format!(
         "# Benchmarks\n\nWritten by `make bench` on {started_at}; mode: {mode}.\n\nMachine: {machine}. Broker: Tansu 0.6.0, memory storage (every reader starts at the beginning of the log), Redis (Debian) on loopback; release builds.\n\nCommand: `make bench` (`BENCH_QUICK=1 make bench` for a short run).\n\n{table}\n{turns}.\n\nProcessor run: {diagnosis}. Rebuild: {rebuild_note}.\n\nThe seed-style receiver is `bench/seed_receiver.py` (the seed article's Flask receiver: verify `X-Webhook-Signature`, produce with confluent-kafka `acks=all`, wait for the delivery report, answer 200) under gunicorn with one sync worker per core, loaded exactly like ingest. Absolute figures on a shared 2-core machine are noisy; compare the ratios, measured side by side in one run. The load generator runs on the same 2 cores as everything it measures.\n"
     );
