@@ -766,6 +766,7 @@ async fn main() {
     if smoke || std::env::var("BENCH_NO_WRITE").is_ok() {
         return;
     }
+    let versions = versions(&stack.redis_url).await;
     let machine = format!(
         "{} cores, {} MiB memory, {}",
         std::thread::available_parallelism()
@@ -796,7 +797,7 @@ async fn main() {
         thousands(records)
     );
     let doc = format!(
-        "# Benchmarks\n\nWritten by `make bench` on {started_at}; mode: {mode}.\n\nMachine: {machine}. Broker: Tansu 0.6.0, memory storage (every reader starts at the beginning of the log), Redis (Debian) on loopback; release builds.\n\nCommand: `make bench` (`BENCH_QUICK=1 make bench` for a short run).\n\n{table}\n{turns}.\n\nProcessor run: {diagnosis}. Rebuild: {rebuild_note}.\n\nThe seed-style receiver is `bench/seed_receiver.py` (the seed article's Flask receiver: verify `X-Webhook-Signature`, produce with confluent-kafka `acks=all`, wait for the delivery report, answer 200) under gunicorn with one sync worker per core, loaded exactly like ingest. Absolute figures on a shared 2-core machine are noisy; compare the ratios, measured side by side in one run. The load generator runs on the same 2 cores as everything it measures.\n"
+        "# Benchmarks\n\nWritten by `make bench` on {started_at}; mode: {mode}.\n\nMachine: {machine}. Broker: Tansu 0.6.0, memory storage (every reader starts at the beginning of the log), Redis (Debian) on loopback; release builds. Versions: {versions}.\n\nCommand: `make bench` (`BENCH_QUICK=1 make bench` for a short run).\n\n{table}\n{turns}.\n\nProcessor run: {diagnosis}. Rebuild: {rebuild_note}.\n\nThe seed-style receiver is `bench/seed_receiver.py` (the seed article's Flask receiver: verify `X-Webhook-Signature`, produce with confluent-kafka `acks=all`, wait for the delivery report, answer 200) under gunicorn with one sync worker per core, loaded exactly like ingest. Absolute figures on a shared 2-core machine are noisy; compare the ratios, measured side by side in one run. The load generator runs on the same 2 cores as everything it measures.\n"
     );
     // The analysis of the limits is kept by hand in bench/limits.md.
     let limits =
@@ -807,7 +808,7 @@ async fn main() {
     )
     .unwrap();
     let raw = json!({
-        "date": started_at, "mode": mode, "machine": machine,
+        "date": started_at, "mode": mode, "machine": machine, "versions": versions,
         "ingest": {"rps": hooklog.rps, "rounds_rps": hooklog.rounds_rps, "cpu_us_per_request": cpu_json(&hooklog_measured), "p50_ms": hooklog.p50_ms, "p99_ms": hooklog.p99_ms, "p999_ms": hooklog.p999_ms, "non_2xx": hooklog.non_2xx, "peak_rss_kib": ingest_rss},
         "bare_axum_rps": bare.rps, "producer_msgs_per_s": producer_rps, "publish_alone_msgs_per_s": publish_rps,
         "seed_style": seed_measured.as_ref().map(|m| json!({"rps": m.load.rps, "rounds_rps": m.load.rounds_rps, "p50_ms": m.load.p50_ms, "p99_ms": m.load.p99_ms, "non_2xx": m.load.non_2xx, "cpu_us_per_request": cpu_json(m)})),
@@ -822,6 +823,50 @@ async fn main() {
         serde_json::to_string_pretty(&raw).unwrap(),
     )
     .unwrap();
+}
+
+/// The versions behind the figures: the kernel, Redis, Hooklog's librdkafka,
+/// and the seed-style receiver's Python stack (from its venv, when it ran).
+async fn versions(redis_url: &str) -> String {
+    let output = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let kernel = output("uname", &["-r"]).unwrap_or_else(|| "?".into());
+    let redis = async {
+        let client = redis::Client::open(redis_url).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(str::to_owned)
+    }
+    .await
+    .unwrap_or_else(|| "?".into());
+    let librdkafka = rdkafka::util::get_rdkafka_version().1;
+    let python = hooklog_e2e::root().join(".tools/bench-venv/bin/python");
+    let seed = output(
+        &python.display().to_string(),
+        &[
+            "-c",
+            "import sys, importlib.metadata as m, confluent_kafka as c; \
+             print(f'Python {sys.version.split()[0]}, Flask {m.version(\"flask\")}, \
+             gunicorn {m.version(\"gunicorn\")}, confluent-kafka {m.version(\"confluent-kafka\")} \
+             (librdkafka {c.libversion()[0]})')",
+        ],
+    )
+    .unwrap_or_else(|| "not installed".into());
+    format!(
+        "Linux {kernel}; Redis {redis}; Hooklog's librdkafka {librdkafka}; seed-style receiver: {seed}"
+    )
 }
 
 /// Redis's CPU seconds so far, from `INFO cpu`: its own process's, and its
