@@ -86,6 +86,7 @@ perf script -i "$out/$name.perf.data" 2> /dev/null |
   inferno-collapse-perf > "$out/$name.folded"
 inferno-flamegraph --title "hooklog-$what under make bench's load" \
   < "$out/$name.folded" > "$out/$name.svg"
+# sed, not head: reading to the end spares the pipe a SIGPIPE under pipefail.
 perf report -i "$out/$name.perf.data" --no-children --sort dso,symbol \
-  --percent-limit 1 --stdio -g none 2> /dev/null | grep '%' | cut -c1-120 | head -25
+  --percent-limit 1 --stdio -g none 2> /dev/null | grep '%' | cut -c1-120 | sed -n 1,25p || true
 echo "profile: flamegraph $out/$name.svg"
