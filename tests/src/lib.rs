@@ -233,9 +233,9 @@ impl Service {
         process_cpu_secs(self.pid()?)
     }
 
-    /// [`Service::cpu_secs`] of the process and all its live descendants
-    /// (gunicorn's workers are its children); None where the kernel does
-    /// not list a process's children.
+    /// [`Service::cpu_secs`] of the process and its live descendants, as
+    /// the kernel lists each one's children (those its main thread started:
+    /// gunicorn's workers); None where the kernel does not list them.
     pub fn tree_cpu_secs(&self) -> Option<f64> {
         fn tree(pid: u32) -> Option<f64> {
             let children =
