@@ -157,10 +157,7 @@ async fn load(
     }
     Run {
         latencies_us: lat,
-        secs: Instant::now()
-            .saturating_duration_since(warm_until)
-            .as_secs_f64()
-            .max(0.001),
+        secs: secs_since(warm_until),
         non_2xx: bad,
         sent: sent.load(Ordering::Relaxed).min(max_requests),
     }
@@ -338,11 +335,15 @@ async fn publish_alone(brokers: &str, topic: &str, duration: Duration, warmup: D
     for t in tasks {
         t.await.unwrap();
     }
-    acked.load(Ordering::Relaxed) as f64
-        / Instant::now()
-            .saturating_duration_since(warm_until)
-            .as_secs_f64()
-            .max(0.001)
+    acked.load(Ordering::Relaxed) as f64 / secs_since(warm_until)
+}
+
+/// Seconds since the warm-up ended (never 0: rates divide by it).
+fn secs_since(warm_until: Instant) -> f64 {
+    Instant::now()
+        .saturating_duration_since(warm_until)
+        .as_secs_f64()
+        .max(0.001)
 }
 
 /// Starts the seed article's receiver (bench/seed_receiver.py) under
