@@ -5,131 +5,34 @@
 //! the loop that met them and retry its work (the apply is idempotent);
 //! nothing is skipped.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+mod group;
+mod health;
+mod unpublished;
+
+pub use group::{
+    commit_and_leave, consumer, group_consumer, next_batch, report_lag, store_offsets,
+    GroupConsumer, RebalanceLog,
+};
+pub use health::{Health, Paused};
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::error::KafkaError;
-use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::batch::{plan, Plan, Record};
 use crate::changelog::Publisher;
-use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::projection::spec::ProjectionSpec;
 use crate::projection::store::{
     shard_of, Applied, EntityState, Store, Target, WriteCounts, SHARDS,
 };
 use crate::spans::{BatchSpans, Phase};
-
-/// Shared health flags for `/readyz`.
-#[derive(Default)]
-pub struct Health {
-    /// How many loops (apply lanes, the publish stage, the delivery
-    /// fan-out) are retrying through an outage right now.
-    retrying: AtomicUsize,
-    /// True once the consumer is running.
-    pub running: AtomicBool,
-}
-
-impl Health {
-    /// Marks one loop as retrying until the returned guard is dropped.
-    pub fn pause(&self) -> Paused<'_> {
-        self.retrying.fetch_add(1, Ordering::Relaxed);
-        Paused(self)
-    }
-
-    /// True while any loop is retrying.
-    pub fn is_paused(&self) -> bool {
-        self.retrying.load(Ordering::Relaxed) != 0
-    }
-}
-
-/// One loop retrying through an outage: dropping it marks the loop as
-/// running again. A count, not a flag, so that one lane's recovery does
-/// not hide another lane still retrying.
-#[must_use = "the loop counts as paused only while this is held"]
-pub struct Paused<'a>(&'a Health);
-
-impl Drop for Paused<'_> {
-    fn drop(&mut self) {
-        self.0.retrying.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A consumer in a consumer group, logging its rebalances.
-pub type GroupConsumer = StreamConsumer<RebalanceLog>;
-
-/// Logs each partition assignment and revocation at info: when a replica
-/// sits idle or lag builds up, the rebalances are the first thing to read.
-pub struct RebalanceLog;
-
-impl ClientContext for RebalanceLog {}
-
-impl ConsumerContext for RebalanceLog {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                info!(partitions = %partition_list(tpl), "Partitions assigned.");
-            }
-            Rebalance::Revoke(tpl) => {
-                info!(partitions = %partition_list(tpl), "Partitions revoked.");
-            }
-            Rebalance::Error(e) => warn!(error = %e, "Rebalance failed."),
-        }
-    }
-}
-
-/// `topic/partition` pairs, comma-separated.
-fn partition_list(tpl: &rdkafka::TopicPartitionList) -> String {
-    tpl.elements()
-        .iter()
-        .map(|e| format!("{}/{}", e.topic(), e.partition()))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Creates the live group consumer.
-pub fn consumer(config: &Config) -> Result<GroupConsumer, KafkaError> {
-    group_consumer(config, &config.processor.group_id)
-}
-
-/// A consumer of the raw topics in group `group_id` (processors and
-/// deliverers use separate groups, each reading every event).
-pub fn group_consumer(config: &Config, group_id: &str) -> Result<GroupConsumer, KafkaError> {
-    let kafka = &config.kafka;
-    let mut cfg = kafka.base();
-    cfg.set("group.id", group_id);
-    // Offsets are stored only after a batch is fully applied, then committed
-    // in the background: at-least-once, without a sync commit per record.
-    cfg.set("enable.auto.commit", "true");
-    cfg.set("enable.auto.offset.store", "false");
-    cfg.set("auto.commit.interval.ms", "1000");
-    // A new group starts from the beginning of the log: nothing is missed.
-    cfg.set("auto.offset.reset", "earliest");
-    // Brokers such as Tansu hold a fetch for the full wait: keep it short.
-    cfg.set("fetch.wait.max.ms", "50");
-    cfg.set("session.timeout.ms", "10000");
-    // Also the rebalance timeout: how long a rebalance waits for members to
-    // rejoin. Tansu 0.6.0 was seen holding a new member for over a minute
-    // after another was killed -9; 30 s bounds that. The loop polls far more
-    // often, except while it retries a batch through an outage, after which
-    // it simply rejoins.
-    cfg.set("max.poll.interval.ms", "30000");
-    cfg.set("heartbeat.interval.ms", "1000");
-    let consumer: GroupConsumer = kafka.finish(cfg).create_with_context(RebalanceLog)?;
-    let topics = config.raw_topics();
-    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&refs)?;
-    Ok(consumer)
-}
+use unpublished::{EntityId, Unpublished};
 
 /// Everything the loop needs.
 pub struct Pipeline {
@@ -226,60 +129,6 @@ struct AppliedBatch {
     /// The records' `hooklog.changelog` spans: they end with the publish.
     changelog_spans: Vec<tracing::Span>,
     started: Instant,
-}
-
-/// An entity: (projection, key).
-type EntityId = (String, String);
-
-/// For each entity, how many batches of this process have planned an
-/// update to it and not yet published its state: projection → key → count.
-/// Nested by projection so lookups borrow the names (this runs for every
-/// entity of every batch three times).
-#[derive(Default)]
-struct Unpublished(Mutex<HashMap<String, HashMap<String, usize>>>);
-
-impl Unpublished {
-    /// Registers a batch's entities (before it is applied).
-    fn add(&self, entities: &[EntityId]) {
-        let mut map = self.0.lock().expect("lock");
-        for (projection, key) in entities {
-            let keys = match map.get_mut(projection) {
-                Some(keys) => keys,
-                None => map.entry(projection.clone()).or_default(),
-            };
-            match keys.get_mut(key) {
-                Some(n) => *n += 1,
-                None => {
-                    keys.insert(key.clone(), 1);
-                }
-            }
-        }
-    }
-
-    /// Unregisters a batch's entities (once it is published).
-    fn remove(&self, entities: &[EntityId]) {
-        let mut map = self.0.lock().expect("lock");
-        for (projection, key) in entities {
-            let Some(keys) = map.get_mut(projection) else {
-                continue;
-            };
-            if let Some(n) = keys.get_mut(key) {
-                *n -= 1;
-                if *n == 0 {
-                    keys.remove(key);
-                }
-            }
-        }
-        map.retain(|_, keys| !keys.is_empty());
-    }
-
-    /// True when a later batch of this process will publish the entity.
-    fn later_batch_has(&self, s: &EntityState) -> bool {
-        let map = self.0.lock().expect("lock");
-        map.get(&s.projection)
-            .and_then(|keys| keys.get(&s.key))
-            .is_some_and(|&n| n > 1)
-    }
 }
 
 impl Pipeline {
@@ -728,131 +577,9 @@ fn entity_keys<'a>(
         .collect()
 }
 
-/// Waits for the next batch: the first record, then as many as arrive
-/// within `wait`, up to `size`. None on shutdown.
-pub async fn next_batch(
-    consumer: &GroupConsumer,
-    size: usize,
-    wait: Duration,
-    shutdown: &CancellationToken,
-) -> Option<Vec<Record>> {
-    let first = loop {
-        let m = tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            m = consumer.recv() => m,
-        };
-        match m {
-            Ok(m) => break Record::copy_of(&m, true),
-            Err(e) => {
-                warn!(error = %e, "Consumer error.");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    let mut batch: Vec<Record> = vec![first];
-    let deadline = tokio::time::Instant::now() + wait;
-    while batch.len() < size {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(Record::copy_of(&m, true)),
-            Ok(Err(e)) => warn!(error = %e, "Consumer error."),
-            Err(_) => break,
-        }
-    }
-    Some(batch)
-}
-
-/// Stores the offsets of a fully handled batch (committed in the background).
-pub fn store_offsets(consumer: &GroupConsumer, batch: &[Record]) {
-    let mut last: HashMap<(&str, i32), i64> = HashMap::new();
-    for r in batch {
-        let e = last
-            .entry((r.topic.as_str(), r.partition))
-            .or_insert(r.offset);
-        *e = (*e).max(r.offset);
-    }
-    for ((topic, partition), offset) in last {
-        // Fails only if the partition was revoked meanwhile; its new
-        // owner re-reads the batch, and handling is idempotent.
-        if let Err(e) = consumer.store_offset(topic, partition, offset) {
-            debug!(topic, partition, error = %e, "Offset not stored.");
-        }
-    }
-}
-
-/// Commits stored offsets and leaves the group, bounded: with the broker
-/// gone a sync commit would wait for its socket timeout. Uncommitted
-/// records are only handled again, idempotently.
-pub async fn commit_and_leave(consumer: Arc<GroupConsumer>) {
-    let commit = tokio::task::spawn_blocking(move || {
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            // Nothing stored yet is also reported as an error.
-            debug!(error = %e, "Final commit.");
-        }
-        consumer.unsubscribe();
-    });
-    if tokio::time::timeout(Duration::from_secs(5), commit)
-        .await
-        .is_err()
-    {
-        warn!("Final offset commit timed out; the next owner handles those records again, idempotently.");
-    }
-}
-
-/// Updates the lag gauges (blocking: asks the broker for watermarks).
-pub fn report_lag(consumer: &GroupConsumer, metrics: &Metrics) {
-    let Ok(positions) = consumer.position() else {
-        return;
-    };
-    for el in positions.elements() {
-        if let Ok((_, high)) =
-            consumer.fetch_watermarks(el.topic(), el.partition(), Duration::from_secs(2))
-        {
-            let pos = el.offset().to_raw().unwrap_or(0).max(0);
-            metrics.lag(el.topic(), el.partition(), (high - pos).max(0));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn id(p: &str, k: &str) -> EntityId {
-        (p.into(), k.into())
-    }
-
-    fn state(p: &str, k: &str) -> EntityState {
-        EntityState {
-            projection: p.into(),
-            key: k.into(),
-            version: 1,
-            rev: 1,
-            json: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn an_entity_is_left_to_a_later_batch_only_while_one_holds_it() {
-        let u = Unpublished::default();
-        let first = vec![id("orders", "A"), id("orders", "B")];
-        let second = vec![id("orders", "B"), id("customers", "A")];
-        u.add(&first);
-        // Only the batch itself holds them: it must re-check them itself.
-        assert!(!u.later_batch_has(&state("orders", "A")));
-        assert!(!u.later_batch_has(&state("orders", "B")));
-        u.add(&second);
-        assert!(u.later_batch_has(&state("orders", "B")));
-        assert!(!u.later_batch_has(&state("orders", "A")));
-        assert!(
-            !u.later_batch_has(&state("customers", "B")),
-            "by projection and key"
-        );
-        u.remove(&first);
-        // The second batch is now the last holder of B.
-        assert!(!u.later_batch_has(&state("orders", "B")));
-        u.remove(&second);
-        assert!(u.0.lock().unwrap().is_empty());
-    }
 
     #[test]
     fn a_tally_keeps_the_earliest_read_and_counts_duplicates_apart() {
@@ -868,17 +595,5 @@ mod tests {
         t.add(&result(false, at(12, 5)));
         assert_eq!(t.since, at(7, 2));
         assert_eq!((t.applied, t.duplicates), (2, 1));
-    }
-
-    #[test]
-    fn health_is_paused_while_any_loop_retries() {
-        let h = Health::default();
-        assert!(!h.is_paused());
-        let lane = h.pause();
-        let publish = h.pause();
-        drop(lane);
-        assert!(h.is_paused(), "publish still retrying");
-        drop(publish);
-        assert!(!h.is_paused());
     }
 }
