@@ -25,6 +25,11 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
+/// Records in flight for the publish path alone beyond ingest's 64: by
+/// Little's law its rate is the records in flight over the time to an ack,
+/// and the open-loop producer's broker limit keeps thousands in flight.
+const IN_FLIGHT_CURVE: [usize; 2] = [512, 4096];
+
 /// One load run: the latency of each request answered after the warm-up
 /// (µs), how long that part took, how many of them failed, and how many
 /// requests were sent in all (warm-up included: the CPU counters see those).
@@ -290,11 +295,18 @@ async fn side_by_side(
         .collect()
 }
 
-/// Ingest's publish path alone, without HTTP or verification: 64 tasks, each
-/// publishing a 1 KB record through ingest's own `Publisher` (its producer
-/// settings) and awaiting the ack before the next, as ingest's requests do
-/// at concurrency 64. Records per second after the warm-up.
-async fn publish_alone(brokers: &str, topic: &str, duration: Duration, warmup: Duration) -> f64 {
+/// Ingest's publish path alone, without HTTP or verification: `in_flight`
+/// tasks, each publishing a 1 KB record through ingest's own `Publisher`
+/// (its producer settings) and awaiting the ack before the next, as
+/// ingest's requests do at concurrency `in_flight`. Records per second
+/// after the warm-up.
+async fn publish_alone(
+    brokers: &str,
+    topic: &str,
+    in_flight: usize,
+    duration: Duration,
+    warmup: Duration,
+) -> f64 {
     let kafka = hooklog_schemas::kafka::KafkaConfig {
         brokers: brokers.to_owned(),
         ..Default::default()
@@ -304,7 +316,7 @@ async fn publish_alone(brokers: &str, topic: &str, duration: Duration, warmup: D
     let end = warm_until + duration;
     let acked = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for w in 0..64 {
+    for w in 0..in_flight {
         let (publisher, topic, acked) = (publisher.clone(), topic.to_owned(), acked.clone());
         tasks.push(tokio::spawn(async move {
             let payload = vec![b'x'; 1024];
@@ -647,7 +659,23 @@ async fn main() {
     let t = Instant::now();
     kafka::produce_all(&producer, &env.topic("github"), &payloads).await;
     let producer_rps = payloads.len() as f64 / t.elapsed().as_secs_f64();
-    let publish_rps = publish_alone(&env.brokers, &env.topic("shopify"), duration, warmup).await;
+    let publish_rps =
+        publish_alone(&env.brokers, &env.topic("shopify"), 64, duration, warmup).await;
+    // The same path with more records in flight than ingest's 64 requests
+    // can have: how far the broker limit above depends on them. Shorter
+    // loads: Tansu's memory storage keeps every record.
+    let mut in_flight_rps = Vec::new();
+    for in_flight in IN_FLIGHT_CURVE.iter().filter(|_| !smoke) {
+        let rps = publish_alone(
+            &env.brokers,
+            &env.topic("shopify"),
+            *in_flight,
+            duration.min(Duration::from_secs(3)),
+            warmup,
+        )
+        .await;
+        in_flight_rps.push((*in_flight, rps));
+    }
 
     let naive_records = (records / 20).max(500);
     let naive = TestEnv::on(
@@ -720,6 +748,20 @@ async fn main() {
         "| ingest latency at concurrency 64, ms | p50 {:.2} / p99 {:.2} / p99.9 {:.2} | p99 ≤ 50 |\n| ingest non-2xx | {} of {} | 0 |\n| peak RSS ingest / processor, MiB | {:.1} / {:.1} | ingest ≤ 64 |\n",
         hooklog.p50_ms, hooklog.p99_ms, hooklog.p999_ms, hooklog.non_2xx, hooklog.requests, ingest_rss as f64 / 1024.0, proc_rss as f64 / 1024.0
     ));
+    if !in_flight_rps.is_empty() {
+        let curve = std::iter::once((64, publish_rps))
+            .chain(in_flight_rps.iter().copied())
+            .collect::<Vec<_>>();
+        let join = |f: &dyn Fn(&(usize, f64)) -> String| {
+            curve.iter().map(f).collect::<Vec<_>>().join(" / ")
+        };
+        table.push_str(&format!(
+            "| ingest's publish path alone at {} records in flight: msg/s (ms to an ack) | {} ({}) | rate = records in flight ÷ time to an ack |\n",
+            join(&|(n, _)| thousands(*n)),
+            join(&|(_, r)| format!("{r:.0}")),
+            join(&|(n, r)| format!("{:.1}", 1000.0 * *n as f64 / r)),
+        ));
+    }
     let cpu_cell = |name: &str, m: &Measured| {
         format!(
             "{name} {:.0} + {:.0} ({:.0})",
@@ -812,6 +854,7 @@ async fn main() {
         "date": started_at, "mode": mode, "machine": machine, "versions": versions,
         "ingest": {"rps": hooklog.rps, "rounds_rps": hooklog.rounds_rps, "cpu_us_per_request": cpu_json(&hooklog_measured), "p50_ms": hooklog.p50_ms, "p99_ms": hooklog.p99_ms, "p999_ms": hooklog.p999_ms, "non_2xx": hooklog.non_2xx, "peak_rss_kib": ingest_rss},
         "bare_axum_rps": bare.rps, "producer_msgs_per_s": producer_rps, "publish_alone_msgs_per_s": publish_rps,
+        "publish_alone_by_in_flight": in_flight_rps.iter().map(|(n, r)| json!({"in_flight": n, "msgs_per_s": r})).collect::<Vec<_>>(),
         "seed_style": seed_measured.as_ref().map(|m| json!({"rps": m.load.rps, "rounds_rps": m.load.rounds_rps, "p50_ms": m.load.p50_ms, "p99_ms": m.load.p99_ms, "non_2xx": m.load.non_2xx, "cpu_us_per_request": cpu_json(m)})),
         "processor": {"events_per_s": proc_rate, "batch_size": batch_size, "batch1_events_per_s": naive_rate, "peak_rss_kib": proc_rss, "records": records, "cpu_s": proc_cpu, "redis_cpu_s": redis_main, "redis_fork_cpu_s": redis_forks},
         "rebuild_events_per_s": rebuild_rate,
