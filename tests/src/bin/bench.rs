@@ -665,16 +665,13 @@ async fn main() {
     // can have: how far the broker limit above depends on them. Shorter
     // loads: Tansu's memory storage keeps every record.
     let mut in_flight_rps = Vec::new();
-    for in_flight in IN_FLIGHT_CURVE.iter().filter(|_| !smoke) {
-        let rps = publish_alone(
-            &env.brokers,
-            &env.topic("shopify"),
-            *in_flight,
-            duration.min(Duration::from_secs(3)),
-            warmup,
-        )
-        .await;
-        in_flight_rps.push((*in_flight, rps));
+    if !smoke {
+        for in_flight in IN_FLIGHT_CURVE {
+            let short = duration.min(Duration::from_secs(3));
+            let topic = env.topic("shopify");
+            let rps = publish_alone(&env.brokers, &topic, in_flight, short, warmup).await;
+            in_flight_rps.push((in_flight, rps));
+        }
     }
 
     let naive_records = (records / 20).max(500);
