@@ -30,6 +30,20 @@ pub fn seed_stripe_charge(customer: &str) -> String {
     )
 }
 
+/// A FulfillmentAgent `order.shipped` body, shaped like the seed's.
+pub fn order_shipped(order_id: &str, shipped_at: &str) -> String {
+    format!(
+        r#"{{"event_type":"order.shipped","order_id":"{order_id}","shipping_carrier":"FedEx","tracking_number":"1Z{order_id}","shipped_at":"{shipped_at}"}}"#
+    )
+}
+
+/// A FulfillmentAgent `order.delivered` body.
+pub fn order_delivered(order_id: &str, delivered_at: &str) -> String {
+    format!(
+        r#"{{"event_type":"order.delivered","order_id":"{order_id}","delivered_at":"{delivered_at}"}}"#
+    )
+}
+
 /// A `customer.signed_up` event from our accounts agent.
 pub fn customer_signed_up(event_id: &str, customer: &str, email: &str) -> String {
     format!(

@@ -437,23 +437,116 @@ async fn bare_axum() -> u16 {
     port
 }
 
-async fn wait_applied(url: &str, n: f64, timeout: Duration) -> Duration {
-    let started = Instant::now();
-    while metric(
-        url,
-        "hooklog_processor_applied_events_total",
-        &["customers"],
-    )
-    .await
-        < n
-    {
-        assert!(
-            started.elapsed() < timeout,
-            "processor did not apply {n} events in {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+/// Records as (key, value) pairs.
+type Keyed = Vec<(String, Vec<u8>)>;
+
+/// The processor's and the rebuild's records, spread over the three seed
+/// projections: a third Stripe `charge.succeeded` (each updates its charge
+/// and its customer, one of 1,000), a third FulfillmentAgent orders
+/// (`order.shipped`, then `order.delivered` for the same order: half of
+/// them update an order that exists), a third `customer.signed_up` (the
+/// first 1,000 for customers who are also charged).
+struct Preload {
+    /// Source → the (key, raw record) pairs for its raw topic.
+    records: Vec<(&'static str, Keyed)>,
+    /// Projection → how many events it applies once all are in.
+    applies: Vec<(&'static str, f64)>,
+}
+
+impl Preload {
+    fn new(n: usize, tag: &str) -> Self {
+        let (mut stripe, mut fulfillment, mut accounts) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let id = format!("evt_{tag}_{i}");
+            // Event times one second apart, as RFC 3339 text for orders.
+            let at = |t: usize| {
+                format!(
+                    "2025-03-{:02}T{:02}:{:02}:{:02}Z",
+                    1 + t / 86_400 % 28,
+                    t / 3600 % 24,
+                    t / 60 % 60,
+                    t % 60
+                )
+            };
+            let (source, record) = match i % 3 {
+                0 => {
+                    let body = events::stripe_charge(
+                        &id,
+                        &format!("ch_{tag}_{i}"),
+                        &format!("cus_{}", i % 1000),
+                        100 + i as i64 % 900,
+                        1_740_000_000 + i as i64,
+                    );
+                    (
+                        "stripe",
+                        raw("stripe", "stripe", &id, "charge.succeeded", &body),
+                    )
+                }
+                1 => {
+                    let j = i / 3;
+                    let order = format!("ORD-{tag}-{}", j / 2);
+                    let (event_type, body) = match j % 2 {
+                        0 => ("order.shipped", events::order_shipped(&order, &at(i))),
+                        _ => ("order.delivered", events::order_delivered(&order, &at(i))),
+                    };
+                    let record = raw("fulfillment", "hmac-sha256", &id, event_type, &body);
+                    ("fulfillment", record)
+                }
+                _ => {
+                    let customer = format!("cus_{}", i / 3);
+                    let body = events::customer_signed_up(
+                        &id,
+                        &customer,
+                        &format!("{customer}@example.com"),
+                    );
+                    let record = raw("accounts", "hmac-sha256", &id, "customer.signed_up", &body);
+                    ("accounts", record)
+                }
+            };
+            let list = match source {
+                "stripe" => &mut stripe,
+                "fulfillment" => &mut fulfillment,
+                _ => &mut accounts,
+            };
+            list.push((id, record.encode()));
+        }
+        let applies = vec![
+            ("charges", stripe.len() as f64),
+            ("orders", fulfillment.len() as f64),
+            ("customers", (stripe.len() + accounts.len()) as f64),
+        ];
+        Self {
+            records: vec![
+                ("stripe", stripe),
+                ("fulfillment", fulfillment),
+                ("accounts", accounts),
+            ],
+            applies,
+        }
     }
-    started.elapsed()
+
+    /// Writes every record to its source's raw topic in `env`.
+    async fn produce(&self, producer: &rdkafka::producer::FutureProducer, env: &TestEnv) {
+        for (source, records) in &self.records {
+            kafka::produce_all(producer, &env.topic(source), records).await;
+        }
+    }
+
+    /// Waits until the processor at `url` has applied every event to every
+    /// projection; returns how long that took.
+    async fn wait_applied(&self, url: &str, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        for (projection, n) in &self.applies {
+            while metric(url, "hooklog_processor_applied_events_total", &[projection]).await < *n {
+                assert!(
+                    started.elapsed() < timeout,
+                    "processor did not apply {n} events to {projection} in {timeout:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        started.elapsed()
+    }
 }
 
 #[tokio::main]
@@ -553,34 +646,13 @@ async fn main() {
     )
     .with_log("info");
     penv.create_topics();
-    let customers = 1000;
-    let preload = |n: usize, tag: &str| -> Vec<(String, Vec<u8>)> {
-        (0..n)
-            .map(|i| {
-                let id = format!("evt_{tag}_{i}");
-                let body = events::stripe_charge(
-                    &id,
-                    &format!("ch_{tag}_{i}"),
-                    &format!("cus_{}", i % customers),
-                    100 + i as i64 % 900,
-                    1_740_000_000 + i as i64,
-                );
-                (
-                    id.clone(),
-                    raw("stripe", "stripe", &id, "charge.succeeded", &body).encode(),
-                )
-            })
-            .collect()
-    };
-    kafka::produce_all(&producer, &penv.topic("stripe"), &preload(records, "a")).await;
+    let measured_load = Preload::new(records, "a");
+    measured_load.produce(&producer, &penv).await;
     let redis_before = redis_cpu(&stack.redis_url).await;
     let mut processor = penv.processor();
-    let proc_time = wait_applied(
-        &penv.processor_url(),
-        records as f64,
-        Duration::from_secs(1800),
-    )
-    .await;
+    let proc_time = measured_load
+        .wait_applied(&penv.processor_url(), Duration::from_secs(1800))
+        .await;
     let proc_rss = processor.peak_rss_kib().unwrap_or(0);
     let proc_cpu = processor.cpu_secs().unwrap_or(f64::NAN);
     let redis_after = redis_cpu(&stack.redis_url).await;
@@ -683,19 +755,12 @@ async fn main() {
     )
     .with_log("info");
     naive.create_topics();
-    kafka::produce_all(
-        &producer,
-        &naive.topic("stripe"),
-        &preload(naive_records, "b"),
-    )
-    .await;
+    let naive_load = Preload::new(naive_records, "b");
+    naive_load.produce(&producer, &naive).await;
     let _naive_proc = naive.processor();
-    let naive_time = wait_applied(
-        &naive.processor_url(),
-        naive_records as f64,
-        Duration::from_secs(1800),
-    )
-    .await;
+    let naive_time = naive_load
+        .wait_applied(&naive.processor_url(), Duration::from_secs(1800))
+        .await;
     let naive_rate = naive_records as f64 / naive_time.as_secs_f64();
 
     let batch_row = format!("processor, events/s (batch {})", thousands(batch_size));
