@@ -437,6 +437,18 @@ async fn bare_axum() -> u16 {
     port
 }
 
+/// RFC 3339 text for `secs` seconds after 2025-03-01T00:00:00Z, wrapping
+/// after 28 days (2.4 million records): the preloaded orders' event times.
+fn event_time(secs: usize) -> String {
+    format!(
+        "2025-03-{:02}T{:02}:{:02}:{:02}Z",
+        1 + secs / 86_400 % 28,
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 /// Records as (key, value) pairs.
 type Keyed = Vec<(String, Vec<u8>)>;
 
@@ -458,17 +470,7 @@ impl Preload {
         let (mut stripe, mut fulfillment, mut accounts) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..n {
             let id = format!("evt_{tag}_{i}");
-            // Event times one second apart, as RFC 3339 text for orders.
-            let at = |t: usize| {
-                format!(
-                    "2025-03-{:02}T{:02}:{:02}:{:02}Z",
-                    1 + t / 86_400 % 28,
-                    t / 3600 % 24,
-                    t / 60 % 60,
-                    t % 60
-                )
-            };
-            let (source, record) = match i % 3 {
+            match i % 3 {
                 0 => {
                     let body = events::stripe_charge(
                         &id,
@@ -477,38 +479,33 @@ impl Preload {
                         100 + i as i64 % 900,
                         1_740_000_000 + i as i64,
                     );
-                    (
-                        "stripe",
-                        raw("stripe", "stripe", &id, "charge.succeeded", &body),
-                    )
+                    let record = raw("stripe", "stripe", &id, "charge.succeeded", &body);
+                    stripe.push((id, record.encode()));
                 }
                 1 => {
                     let j = i / 3;
                     let order = format!("ORD-{tag}-{}", j / 2);
                     let (event_type, body) = match j % 2 {
-                        0 => ("order.shipped", events::order_shipped(&order, &at(i))),
-                        _ => ("order.delivered", events::order_delivered(&order, &at(i))),
+                        0 => (
+                            "order.shipped",
+                            events::order_shipped(&order, &event_time(i)),
+                        ),
+                        _ => (
+                            "order.delivered",
+                            events::order_delivered(&order, &event_time(i)),
+                        ),
                     };
                     let record = raw("fulfillment", "hmac-sha256", &id, event_type, &body);
-                    ("fulfillment", record)
+                    fulfillment.push((id, record.encode()));
                 }
                 _ => {
                     let customer = format!("cus_{}", i / 3);
-                    let body = events::customer_signed_up(
-                        &id,
-                        &customer,
-                        &format!("{customer}@example.com"),
-                    );
+                    let email = format!("{customer}@example.com");
+                    let body = events::customer_signed_up(&id, &customer, &email);
                     let record = raw("accounts", "hmac-sha256", &id, "customer.signed_up", &body);
-                    ("accounts", record)
+                    accounts.push((id, record.encode()));
                 }
-            };
-            let list = match source {
-                "stripe" => &mut stripe,
-                "fulfillment" => &mut fulfillment,
-                _ => &mut accounts,
-            };
-            list.push((id, record.encode()));
+            }
         }
         let applies = vec![
             ("charges", stripe.len() as f64),
@@ -1062,6 +1059,33 @@ fn chrono_like_now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_preload_spreads_over_the_three_seed_projections() {
+        let load = Preload::new(12, "t");
+        let sizes: Vec<(&str, usize)> = load.records.iter().map(|(s, r)| (*s, r.len())).collect();
+        assert_eq!(sizes, [("stripe", 4), ("fulfillment", 4), ("accounts", 4)]);
+        assert_eq!(
+            load.applies,
+            [("charges", 4.0), ("orders", 4.0), ("customers", 8.0)]
+        );
+        let event_types: Vec<String> = load.records[1]
+            .1
+            .iter()
+            .map(|(_, v)| {
+                let view = hooklog_schemas::WebhookEvent::decode_view(v).unwrap();
+                format!("{} {}", view.event_type, String::from_utf8_lossy(view.body))
+            })
+            .collect();
+        // Each order is shipped, then delivered.
+        assert!(event_types[0].starts_with("order.shipped") && event_types[0].contains("ORD-t-0"));
+        assert!(
+            event_types[1].starts_with("order.delivered") && event_types[1].contains("ORD-t-0")
+        );
+        assert!(event_types[2].starts_with("order.shipped") && event_types[2].contains("ORD-t-1"));
+        assert_eq!(event_time(0), "2025-03-01T00:00:00Z");
+        assert_eq!(event_time(86_400 + 3_661), "2025-03-02T01:01:01Z");
+    }
 
     #[test]
     fn groups_thousands() {
