@@ -456,7 +456,8 @@ type Keyed = Vec<(String, Vec<u8>)>;
 /// projections: a third Stripe `charge.succeeded` (each updates its charge
 /// and its customer, one of 1,000), a third FulfillmentAgent orders
 /// (`order.shipped`, then `order.delivered` for the same order: half of
-/// them update an order that exists), a third `customer.signed_up` (the
+/// them update an order that exists; ids are body hashes, as ingest gives
+/// the seed's orders), a third `customer.signed_up` (the
 /// first 1,000 for customers who are also charged).
 struct Preload {
     /// Source → the (key, raw record) pairs for its raw topic.
@@ -495,6 +496,9 @@ impl Preload {
                             events::order_delivered(&order, &event_time(i)),
                         ),
                     };
+                    // The seed's orders carry no id: ingest's default
+                    // then names them by their body's hash.
+                    let id = hooklog_ingest::verify::body_hash_id(body.as_bytes());
                     let record = raw("fulfillment", "hmac-sha256", &id, event_type, &body);
                     fulfillment.push((id, record.encode()));
                 }
@@ -701,6 +705,13 @@ async fn main() {
     );
     println!("processor: {diagnosis}");
     let proc_rate = records as f64 / proc_time.as_secs_f64();
+    // What the run left in Redis (before the rebuild adds a version).
+    let memory = redis_memory(
+        &stack.redis_url,
+        &penv.prefix,
+        &["charges", "orders", "customers"],
+    )
+    .await;
 
     // 4. Rebuild of the same records into a new version.
     let t = Instant::now();
@@ -844,6 +855,12 @@ async fn main() {
         per_event(redis_main),
         per_event(redis_forks),
     ));
+    table.push_str(&format!(
+        "| Redis memory after the processor's run, bytes: per entity ({}); per remembered event id | {}; {:.0} | |\n",
+        memory.per_entity.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(" / "),
+        memory.per_entity.iter().map(|(_, b)| format!("{b:.0}")).collect::<Vec<_>>().join(" / "),
+        memory.per_marker,
+    ));
     let pipeline_cpu = |m: &Measured| m.cpu_us.server + m.cpu_us.broker;
     table.push_str(&format!(
         "| ratios | ingest / seed-style {:.1} (CPU per request, server + Tansu: seed-style / ingest {:.1}), ingest / producer {:.2}, ingest / publish path alone {:.2}, ingest / bare axum {:.2}, processor / batch-1 {:.1} | |\n",
@@ -925,6 +942,7 @@ async fn main() {
         "publish_alone_by_in_flight": in_flight_rps.iter().map(|(n, r)| json!({"in_flight": n, "msgs_per_s": r})).collect::<Vec<_>>(),
         "seed_style": seed_measured.as_ref().map(|m| json!({"rps": m.load.rps, "rounds_rps": m.load.rounds_rps, "p50_ms": m.load.p50_ms, "p99_ms": m.load.p99_ms, "non_2xx": m.load.non_2xx, "cpu_us_per_request": cpu_json(m)})),
         "processor": {"events_per_s": proc_rate, "batch_size": batch_size, "batch1_events_per_s": naive_rate, "peak_rss_kib": proc_rss, "records": records, "cpu_s": proc_cpu, "redis_cpu_s": redis_main, "redis_fork_cpu_s": redis_forks},
+        "redis_memory": {"bytes_per_entity": memory.per_entity.iter().map(|(p, b)| (p.to_string(), json!(b))).collect::<serde_json::Map<_, _>>(), "bytes_per_event_id": memory.per_marker},
         "rebuild_events_per_s": rebuild_rate,
         "rebuild": {"replayed": replayed, "replay_s": replay_secs, "command_s": rebuild_wall},
     });
@@ -1005,6 +1023,80 @@ async fn redis_cpu(url: &str) -> (f64, f64) {
     )
 }
 
+/// What the processor's run left in Redis, for sizing it.
+struct RedisMemory {
+    /// Projection → bytes per entity (`MEMORY USAGE` of up to 10,000).
+    per_entity: Vec<(&'static str, f64)>,
+    /// Bytes per event id in the marker sets (all of them, whole).
+    per_marker: f64,
+}
+
+/// Measures [`RedisMemory`] for version 1 of `projections` under `prefix`.
+async fn redis_memory(url: &str, prefix: &str, projections: &[&'static str]) -> RedisMemory {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let mut per_entity = Vec::new();
+    let (mut marker_bytes, mut markers) = (0u64, 0u64);
+    for &p in projections {
+        let entities = scan_keys(&mut conn, &format!("{prefix}{{{p}}}:v1:e:*"), 10_000).await;
+        let mut pipe = redis::pipe();
+        for k in &entities {
+            pipe.cmd("MEMORY").arg("USAGE").arg(k);
+        }
+        let bytes: Vec<u64> = pipe.query_async(&mut conn).await.expect("MEMORY USAGE");
+        per_entity.push((
+            p,
+            bytes.iter().sum::<u64>() as f64 / bytes.len().max(1) as f64,
+        ));
+        let buckets = scan_keys(&mut conn, &format!("{prefix}{{{p}}}:v1:seen:*"), usize::MAX).await;
+        let mut pipe = redis::pipe();
+        for k in &buckets {
+            // SAMPLES 0: every member, not an estimate from five.
+            pipe.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
+            pipe.cmd("SCARD").arg(k);
+        }
+        let pairs: Vec<u64> = pipe.query_async(&mut conn).await.expect("marker sets");
+        for pair in pairs.chunks_exact(2) {
+            marker_bytes += pair[0];
+            markers += pair[1];
+        }
+    }
+    RedisMemory {
+        per_entity,
+        per_marker: marker_bytes as f64 / markers.max(1) as f64,
+    }
+}
+
+/// Up to `limit` keys matching `pattern`.
+async fn scan_keys(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+    limit: usize,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(conn)
+            .await
+            .expect("SCAN");
+        keys.extend(batch);
+        if next == 0 || keys.len() >= limit {
+            keys.truncate(limit);
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
 /// Records replayed and replay seconds from the rebuild command's summary
 /// line (`... 141976 records replayed in 3.6 s ...`).
 fn replay_figures(out: &str) -> Option<(f64, f64)> {
@@ -1083,6 +1175,12 @@ mod tests {
             event_types[1].starts_with("order.delivered") && event_types[1].contains("ORD-t-0")
         );
         assert!(event_types[2].starts_with("order.shipped") && event_types[2].contains("ORD-t-1"));
+        // Orders are named by their body's hash, as ingest names the seed's.
+        for (id, v) in &load.records[1].1 {
+            let view = hooklog_schemas::WebhookEvent::decode_view(v).unwrap();
+            assert_eq!(*id, hooklog_ingest::verify::body_hash_id(view.body));
+            assert_eq!(view.event_id, id.as_str());
+        }
         assert_eq!(event_time(0), "2025-03-01T00:00:00Z");
         assert_eq!(event_time(86_400 + 3_661), "2025-03-02T01:01:01Z");
     }
