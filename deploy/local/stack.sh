@@ -35,6 +35,7 @@ case "$cmd" in
       # setsid: a Ctrl-C in the terminal reaches only the binaries; `down`
       # stops these after them, by pid.
       setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+        --hash-max-listpack-value 128 \
         --dir "$run_dir" --logfile "$run_dir/redis.log" --daemonize no &
       echo $! > "$run_dir/redis.pid"
     fi

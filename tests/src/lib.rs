@@ -412,6 +412,11 @@ impl Stack {
                 "127.0.0.1",
                 "--save",
                 "",
+                // Hooklog's recommended setting (docs/operations.md,
+                // "Redis memory"): entity hashes whose clocks carry a long
+                // event id stay compact.
+                "--hash-max-listpack-value",
+                "128",
                 "--appendonly",
                 "yes",
                 "--appendfsync",
