@@ -40,7 +40,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::consume::{Health, Pipeline};
 use crate::metrics::Metrics;
-use crate::projection::store::Store;
+use crate::projection::store::{Store, RECOMMENDED_LISTPACK_VALUE};
 
 /// Connects the projection store as configured (fails when Redis is
 /// unreachable).
@@ -73,6 +73,20 @@ pub async fn connect_store(config: &Config, shutdown: &CancellationToken) -> Opt
     }
 }
 
+/// Warns when Redis would keep entities with long event ids in its larger
+/// hash encoding (see [`RECOMMENDED_LISTPACK_VALUE`]).
+async fn check_redis_settings(store: &Store) {
+    if let Some(limit) = store.listpack_value_limit().await {
+        if limit < RECOMMENDED_LISTPACK_VALUE {
+            warn!(
+                hash_max_listpack_value = limit,
+                recommended = RECOMMENDED_LISTPACK_VALUE,
+                "Redis keeps a hash compact only while every value fits hash-max-listpack-value, and an entity's clocks hold an event id (16 bytes + the id, 87 for a body-hash id): entities with long ids take ~80 % more memory. Set it to 128 (docs/operations.md, \"Redis memory\")."
+            );
+        }
+    }
+}
+
 /// Runs the live processor and its HTTP server until `shutdown`.
 pub async fn run(
     config: Config,
@@ -85,6 +99,7 @@ pub async fn run(
     let Some(store) = connect_store(&config, &shutdown).await else {
         return Ok(());
     };
+    check_redis_settings(&store).await;
     let publisher = changelog::Publisher::new(&config.kafka)?;
     let consumer = Arc::new(consume::consumer(&config)?);
 

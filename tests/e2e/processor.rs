@@ -8,8 +8,8 @@ use std::time::Duration;
 use hooklog_e2e::events::{self, raw};
 use hooklog_e2e::sign::{self, now};
 use hooklog_e2e::{
-    eventually, get_json, kafka, let_killed_member_expire, metric, secret, shared_stack, Stack,
-    TestEnv,
+    eventually, free_port, get_json, kafka, let_killed_member_expire, metric, secret, shared_stack,
+    Service, Stack, TestEnv,
 };
 use serde_json::Value;
 
@@ -472,4 +472,57 @@ async fn a_crash_between_apply_and_changelog_still_publishes_the_state() {
     let s = state(&env, "customers", &customer).await.unwrap();
     assert_eq!(s["state"]["total_charged"], 4200, "applied once");
     let _ = shared_stack();
+}
+
+/// On a Redis with its default `hash-max-listpack-value` (64) the processor
+/// warns at start that entities with long event ids take more memory; on
+/// the tests' Redis, set as recommended (128), it does not.
+#[tokio::test]
+async fn warns_when_redis_keeps_long_ids_in_large_hashes() {
+    let stack = shared_stack();
+    let port = free_port().to_string();
+    let mut redis = Service::new(
+        "redis-default",
+        "redis-server",
+        &[
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        &[],
+    );
+    redis.start();
+    // The warning's fields, from the processor's JSON log lines.
+    let warned = |log: &str| {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["level"] == "WARN" && l.get("hash_max_listpack_value").is_some())
+            .map(|l| {
+                (
+                    l["hash_max_listpack_value"].clone(),
+                    l["recommended"].clone(),
+                )
+            })
+    };
+    let default = TestEnv::on(
+        "proc-listpack",
+        &stack.brokers,
+        &format!("redis://127.0.0.1:{port}/"),
+        "",
+    );
+    default.create_topics();
+    let processor = default.processor();
+    let log = processor.log_text();
+    assert_eq!(warned(&log), Some((64.into(), 128.into())), "{log}");
+
+    let recommended = TestEnv::on("proc-listpack-ok", &stack.brokers, &stack.redis_url, "");
+    recommended.create_topics();
+    let processor = recommended.processor();
+    let log = processor.log_text();
+    assert_eq!(warned(&log), None, "{log}");
 }

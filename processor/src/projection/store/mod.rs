@@ -81,6 +81,13 @@ pub const SHARDS: usize = 4;
 /// must use the same stripes.
 pub const STRIPES: usize = 16;
 
+/// The `hash-max-listpack-value` Hooklog recommends. Redis keeps a hash in
+/// its compact encoding only while every value fits; an entity's clocks
+/// hold an event id (16 bytes + the id: 87 for a body-hash id), and with
+/// Redis's default of 64 such entities took ~80 % more memory
+/// (docs/operations.md, "Redis memory").
+pub const RECOMMENDED_LISTPACK_VALUE: u64 = 128;
+
 /// Batches smaller than this are applied as one shard.
 const MIN_SHARDED: usize = 256;
 
@@ -282,6 +289,22 @@ impl Store {
     /// Index of a version's marker buckets.
     fn seen_index(&self, projection: &str, version: u64) -> String {
         format!("{}:seen", self.version_prefix(projection, version))
+    }
+
+    /// Redis's `hash-max-listpack-value` (`hash-max-ziplist-value` before
+    /// Redis 7), when Redis tells: managed services may refuse `CONFIG`.
+    pub async fn listpack_value_limit(&self) -> Option<u64> {
+        let mut conn = self.conn.clone();
+        let pairs: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("hash-max-*-value")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        pairs
+            .chunks_exact(2)
+            .filter_map(|p| p[1].parse().ok())
+            .min()
     }
 
     /// PING.
