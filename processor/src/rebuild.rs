@@ -253,8 +253,12 @@ async fn entity_keys(
     Ok(out)
 }
 
-/// Compares two versions entity by entity. A difference is re-checked once
-/// after a short pause, since live applies may land between the two reads.
+/// Entities read per round trip when comparing two versions.
+const COMPARE_CHUNK: usize = 1_000;
+
+/// Compares two versions entity by entity, a chunk of entities per round
+/// trip. The differences are re-checked once after a short pause, since
+/// live applies may land between the two reads.
 pub async fn compare(
     store: &Store,
     projection: &str,
@@ -263,30 +267,34 @@ pub async fn compare(
 ) -> anyhow::Result<(u64, Vec<(String, String)>)> {
     let mut keys = entity_keys(store, projection, live).await?;
     keys.extend(entity_keys(store, projection, scratch).await?);
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let mut suspects = Vec::new();
+    for chunk in keys.chunks(COMPARE_CHUNK) {
+        let found = differences(store, projection, chunk, live, scratch).await?;
+        suspects.extend(found.into_iter().map(|(key, _)| key));
+    }
     let mut diffs = Vec::new();
-    for key in &keys {
-        if let Some(d) = differs(store, projection, key, live, scratch).await? {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if differs(store, projection, key, live, scratch)
-                .await?
-                .is_some()
-            {
-                diffs.push((key.clone(), d));
-            }
+    if !suspects.is_empty() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let suspects: Vec<&str> = suspects.iter().map(String::as_str).collect();
+        for chunk in suspects.chunks(COMPARE_CHUNK) {
+            diffs.extend(differences(store, projection, chunk, live, scratch).await?);
         }
     }
     Ok((keys.len() as u64, diffs))
 }
 
-async fn differs(
+/// The entities among `keys` whose documents differ between the two
+/// versions, each with both documents.
+async fn differences(
     store: &Store,
     projection: &str,
-    key: &str,
+    keys: &[&str],
     live: u64,
     scratch: u64,
-) -> anyhow::Result<Option<String>> {
-    let a = store.read(projection, key, Some(live)).await?;
-    let b = store.read(projection, key, Some(scratch)).await?;
+) -> anyhow::Result<Vec<(String, String)>> {
+    let a = store.read_in_version(projection, keys, live).await?;
+    let b = store.read_in_version(projection, keys, scratch).await?;
     // The same document apart from the version it comes from.
     let strip = |s: Option<crate::projection::store::EntityState>| {
         s.map(|s| {
@@ -295,11 +303,20 @@ async fn differs(
             d
         })
     };
-    let (a, b) = (strip(a), strip(b));
-    Ok((a != b).then(|| {
-        let show = |x: &Option<_>| serde_json::to_string(x).unwrap_or_default();
-        format!("live={} rebuilt={}", show(&a), show(&b))
-    }))
+    let show = |x: &Option<_>| serde_json::to_string(x).unwrap_or_default();
+    Ok(keys
+        .iter()
+        .zip(a.into_iter().zip(b))
+        .filter_map(|(key, (a, b))| {
+            let (a, b) = (strip(a), strip(b));
+            (a != b).then(|| {
+                (
+                    key.to_string(),
+                    format!("live={} rebuilt={}", show(&a), show(&b)),
+                )
+            })
+        })
+        .collect())
 }
 
 /// Watermarks, retried: a busy broker may time out once or twice.

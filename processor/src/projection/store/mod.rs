@@ -642,15 +642,31 @@ impl Store {
             Some(v) => v,
             None => self.current_version(projection).await?,
         };
+        let mut states = self.read_in_version(projection, &[key], version).await?;
+        Ok(states.pop().flatten())
+    }
+
+    /// Several entities of one version, in one round trip (None: absent).
+    pub async fn read_in_version(
+        &self,
+        projection: &str,
+        keys: &[&str],
+        version: u64,
+    ) -> Result<Vec<Option<EntityState>>, RedisError> {
+        let prefix = self.version_prefix(projection, version);
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("HGETALL").arg(entity_hash_key(&prefix, key));
+        }
         let mut conn = self.conn.clone();
-        let flat: Vec<String> = redis::cmd("HGETALL")
-            .arg(entity_hash_key(
-                &self.version_prefix(projection, version),
-                key,
-            ))
-            .query_async(&mut conn)
-            .await?;
-        Ok((!flat.is_empty()).then(|| entity_state(projection, key, version, pairs(&flat))))
+        let flats: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+        Ok(keys
+            .iter()
+            .zip(flats)
+            .map(|(key, flat)| {
+                (!flat.is_empty()).then(|| entity_state(projection, key, version, pairs(&flat)))
+            })
+            .collect())
     }
 }
 
