@@ -42,30 +42,50 @@ use crate::consume::{Health, Pipeline};
 use crate::metrics::Metrics;
 use crate::projection::store::{Store, RECOMMENDED_LISTPACK_VALUE};
 
-/// Connects the projection store as configured (fails when Redis is
-/// unreachable).
-pub async fn open_store(config: &Config) -> Result<Store, redis::RedisError> {
+/// Why the projection store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenStoreError {
+    /// Redis is unreachable or failed: worth retrying.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// Redis answers but cannot hold projections (too old): retrying won't
+    /// help.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Connects the projection store as configured and checks that Redis has
+/// the commands it needs.
+pub async fn open_store(config: &Config) -> Result<Store, OpenStoreError> {
     let store = Store::connect(
         &config.redis.url,
         &config.redis.key_prefix,
         config.processor.dedup_window_secs,
     )
     .await?;
+    if let Some(why) = store.unsupported().await? {
+        return Err(OpenStoreError::Unsupported(why));
+    }
     Ok(match config.redis.watched_commits {
         true => store,
         false => store.scripted_only(),
     })
 }
 
-/// Connects to Redis, retrying until it answers or `shutdown`.
-pub async fn connect_store(config: &Config, shutdown: &CancellationToken) -> Option<Store> {
+/// Connects to Redis, retrying until it answers or `shutdown` (`None`);
+/// fails at once when Redis is one Hooklog cannot use.
+pub async fn connect_store(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Store>> {
     loop {
         match open_store(config).await {
-            Ok(s) => return Some(s),
+            Ok(s) => return Ok(Some(s)),
+            Err(e @ OpenStoreError::Unsupported(_)) => return Err(e.into()),
             Err(e) => {
                 warn!(error = %e, "Redis unreachable; retrying.");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return None,
+                    _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
@@ -96,7 +116,7 @@ pub async fn run(
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
-    let Some(store) = connect_store(&config, &shutdown).await else {
+    let Some(store) = connect_store(&config, &shutdown).await? else {
         return Ok(());
     };
     check_redis_settings(&store).await;

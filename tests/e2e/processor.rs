@@ -526,3 +526,63 @@ async fn warns_when_redis_keeps_long_ids_in_large_hashes() {
     let log = processor.log_text();
     assert_eq!(warned(&log), None, "{log}");
 }
+
+/// On a Redis without `SMISMEMBER` or `ZADD … GT` (Redis before 6.2; here
+/// a current Redis with the command renamed away) the processor and its
+/// rebuild refuse to start with a message naming the command and the Redis
+/// they need, instead of failing every batch; on the tests' Redis they
+/// start.
+#[tokio::test]
+async fn refuses_a_redis_without_the_commands_it_needs() {
+    let stack = shared_stack();
+    for (renamed, named) in [("SMISMEMBER", "SMISMEMBER"), ("ZADD", "ZADD GT")] {
+        let port = free_port().to_string();
+        let mut redis = Service::new(
+            "redis-old",
+            "redis-server",
+            &[
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--rename-command",
+                renamed,
+                "",
+            ],
+            &[],
+        );
+        redis.start();
+        let old = TestEnv::on(
+            "proc-old-redis",
+            &stack.brokers,
+            &format!("redis://127.0.0.1:{port}/"),
+            "",
+        );
+        old.create_topics();
+        let refused = |text: &str| {
+            text.contains(&format!("refused {named} ")) && text.contains("Redis 6.2 or later")
+        };
+
+        let mut processor = old.processor_service();
+        processor.start();
+        assert!(
+            processor.wait_exit(Duration::from_secs(30)),
+            "the processor kept running on a Redis without {named}: {}",
+            processor.log_text()
+        );
+        let log = processor.log_text();
+        assert!(refused(&log), "{log}");
+
+        let (ok, out) = old.processor_cmd(&["rebuild", "--projection", "orders"]);
+        assert!(!ok && refused(&out), "{out}");
+    }
+
+    let current = TestEnv::on("proc-new-redis", &stack.brokers, &stack.redis_url, "");
+    current.create_topics();
+    let processor = current.processor();
+    assert!(!processor.log_text().contains("Redis 6.2 or later"));
+}

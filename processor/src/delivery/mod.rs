@@ -67,7 +67,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let keys = api_keys(&config)?;
     let settings = Arc::new(worker::Settings::from(&config.delivery));
-    let Some(store) = crate::connect_store(&config, &shutdown).await else {
+    let Some(store) = crate::connect_store(&config, &shutdown).await? else {
         return Ok(());
     };
     let conn = store.connection();

@@ -88,6 +88,14 @@ pub const STRIPES: usize = 16;
 /// (docs/operations.md, "Redis memory").
 pub const RECOMMENDED_LISTPACK_VALUE: u64 = 128;
 
+/// Commands the store uses that older Redis lacks: (name, the probe's
+/// arguments after its key, the Redis version that added it). The probes
+/// only read, or write nothing to a key that does not exist.
+const NEWER_COMMANDS: &[(&str, &[&str], &str)] = &[
+    ("SMISMEMBER", &["x"], "6.2"),               // lua/seen.lua
+    ("ZADD GT", &["XX", "GT", "0", "x"], "6.2"), // lua/markers.lua
+];
+
 /// Batches smaller than this are applied as one shard.
 const MIN_SHARDED: usize = 256;
 
@@ -289,6 +297,49 @@ impl Store {
     /// Index of a version's marker buckets.
     fn seen_index(&self, projection: &str, version: u64) -> String {
         format!("{}:seen", self.version_prefix(projection, version))
+    }
+
+    /// Why this Redis cannot hold projections, if it cannot: a command the
+    /// store needs that it does not know (or refuses), e.g. `SMISMEMBER` on
+    /// Redis before 6.2, whose scripts would otherwise fail at the first
+    /// batch and retry forever. Probed with a read of a key nobody writes.
+    /// Errors only when Redis does not answer (worth retrying).
+    pub async fn unsupported(&self) -> Result<Option<String>, RedisError> {
+        let mut conn = self.conn.clone();
+        for &(command, args, since) in NEWER_COMMANDS {
+            let name = command.split(' ').next().unwrap_or(command);
+            let probe = redis::cmd(name)
+                .arg(format!("{}probe", self.prefix))
+                .arg(args)
+                .query_async::<redis::Value>(&mut conn)
+                .await;
+            let refused = match probe {
+                Ok(_) => continue,
+                Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                    return Err(e)
+                }
+                Err(e) => e,
+            };
+            let server = self.server_version().await.unwrap_or_default();
+            let why = refused.detail().unwrap_or(refused.category()).trim();
+            return Ok(Some(format!(
+                "Redis{server} refused {command} ({why}): Hooklog's projections need Redis {since} or later (or a compatible server with {command})"
+            )));
+        }
+        Ok(None)
+    }
+
+    /// ` <redis_version>` from `INFO server`, when Redis tells.
+    async fn server_version(&self) -> Option<String> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(|v| format!(" {}", v.trim()))
     }
 
     /// Redis's `hash-max-listpack-value` (`hash-max-ziplist-value` before
