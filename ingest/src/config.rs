@@ -14,7 +14,7 @@ use secrecy::SecretSlice;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-pub use hooklog_schemas::config::ConfigError;
+pub use hooklog_schemas::config::{ConfigError, ConfigFile};
 
 /// The whole ingest configuration.
 #[derive(Debug, Deserialize)]
@@ -152,19 +152,7 @@ pub struct EventIdConfig {
     pub body_hash: bool,
 }
 
-impl Config {
-    /// Loads `path` plus `HOOKLOG_*` overrides, then validates.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        hooklog_schemas::config::load_valid(path)
-    }
-
-    /// Parses TOML text and validates.
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        hooklog_schemas::config::from_str_valid(text)
-    }
-}
-
-impl hooklog_schemas::config::Validate for Config {
+impl ConfigFile for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
         self.server

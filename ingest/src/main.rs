@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use hooklog_ingest::config::Config;
+use hooklog_ingest::config::{Config, ConfigFile};
 use tokio_util::sync::CancellationToken;
 
 // Each request allocates its body, envelope and record; glibc malloc took

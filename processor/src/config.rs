@@ -2,14 +2,12 @@
 //! `[redis]`, `[[projection]]`, `[delivery]`, and the `name`/`topic` of each `[[source]]`
 //! (the raw topics to consume). Ingest's `[server]` table is ignored.
 
-use std::path::Path;
-
 use hooklog_schemas::kafka::KafkaConfig;
 use hooklog_schemas::topics;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-pub use hooklog_schemas::config::ConfigError;
+pub use hooklog_schemas::config::{ConfigError, ConfigFile};
 
 use crate::projection::spec::ProjectionSpec;
 
@@ -256,19 +254,7 @@ pub struct SourceRef {
     pub topic: Option<String>,
 }
 
-impl Config {
-    /// Loads `path` plus `HOOKLOG_*` overrides, then validates.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        hooklog_schemas::config::load_valid(path)
-    }
-
-    /// Parses TOML text and validates.
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        hooklog_schemas::config::from_str_valid(text)
-    }
-}
-
-impl hooklog_schemas::config::Validate for Config {
+impl ConfigFile for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.processor.batch_size == 0 {
             return Err(ConfigError("processor.batch_size must be > 0".into()));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hooklog_processor::config::Config;
+use hooklog_processor::config::{Config, ConfigFile};
 use hooklog_processor::{metrics::Metrics, rebuild, topics};
 use tokio_util::sync::CancellationToken;
 

@@ -21,24 +21,27 @@ pub const ENV_TABLES: &[&str] = &["server", "kafka", "processor", "redis", "deli
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(pub String);
 
-/// A config section that checks what serde cannot (ranges, cross-references).
-pub trait Validate {
+/// A binary's view of `hooklog.toml`: how it is loaded (file, then
+/// `HOOKLOG_*` overrides) and what it checks that serde cannot (ranges,
+/// cross-references). Each binary implements `validate`; `load` and
+/// `from_toml` are shared.
+pub trait ConfigFile: DeserializeOwned {
     /// Errors name the field.
     fn validate(&self) -> Result<(), ConfigError>;
-}
 
-/// [`load`], then [`Validate::validate`].
-pub fn load_valid<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigError> {
-    let cfg: T = load(path)?;
-    cfg.validate()?;
-    Ok(cfg)
-}
+    /// Loads `path` plus `HOOKLOG_*` overrides ([`load`]), then validates.
+    fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = load(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
 
-/// [`from_str`], then [`Validate::validate`].
-pub fn from_str_valid<T: DeserializeOwned + Validate>(text: &str) -> Result<T, ConfigError> {
-    let cfg: T = from_str(text)?;
-    cfg.validate()?;
-    Ok(cfg)
+    /// Parses TOML text ([`from_str`]), then validates.
+    fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }
 
 /// Loads and deserializes the config file at `path` plus env overrides.
