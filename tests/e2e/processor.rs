@@ -8,8 +8,8 @@ use std::time::Duration;
 use hooklog_e2e::events::{self, raw};
 use hooklog_e2e::sign::{self, now};
 use hooklog_e2e::{
-    eventually, free_port, get_json, kafka, let_killed_member_expire, metric, secret, shared_stack,
-    Service, Stack, TestEnv,
+    eventually, get_json, kafka, let_killed_member_expire, metric, private_redis, secret,
+    shared_stack, Stack, TestEnv,
 };
 use serde_json::Value;
 
@@ -480,23 +480,7 @@ async fn a_crash_between_apply_and_changelog_still_publishes_the_state() {
 #[tokio::test]
 async fn warns_when_redis_keeps_long_ids_in_large_hashes() {
     let stack = shared_stack();
-    let port = free_port().to_string();
-    let mut redis = Service::new(
-        "redis-default",
-        "redis-server",
-        &[
-            "--port",
-            &port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        &[],
-    );
-    redis.start();
+    let (_redis, url) = private_redis("redis-default", &[]);
     // The warning's fields, from the processor's JSON log lines.
     let warned = |log: &str| {
         log.lines()
@@ -509,12 +493,7 @@ async fn warns_when_redis_keeps_long_ids_in_large_hashes() {
                 )
             })
     };
-    let default = TestEnv::on(
-        "proc-listpack",
-        &stack.brokers,
-        &format!("redis://127.0.0.1:{port}/"),
-        "",
-    );
+    let default = TestEnv::on("proc-listpack", &stack.brokers, &url, "");
     default.create_topics();
     let processor = default.processor();
     let log = processor.log_text();
@@ -536,32 +515,8 @@ async fn warns_when_redis_keeps_long_ids_in_large_hashes() {
 async fn refuses_a_redis_without_the_commands_it_needs() {
     let stack = shared_stack();
     for (renamed, named) in [("SMISMEMBER", "SMISMEMBER"), ("ZADD", "ZADD GT")] {
-        let port = free_port().to_string();
-        let mut redis = Service::new(
-            "redis-old",
-            "redis-server",
-            &[
-                "--port",
-                &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--rename-command",
-                renamed,
-                "",
-            ],
-            &[],
-        );
-        redis.start();
-        let old = TestEnv::on(
-            "proc-old-redis",
-            &stack.brokers,
-            &format!("redis://127.0.0.1:{port}/"),
-            "",
-        );
+        let (_redis, url) = private_redis("redis-old", &["--rename-command", renamed, ""]);
+        let old = TestEnv::on("proc-old-redis", &stack.brokers, &url, "");
         old.create_topics();
         let refused = |text: &str| {
             text.contains(&format!("refused {named} ")) && text.contains("Redis 6.2 or later")

@@ -501,6 +501,27 @@ impl Stack {
     }
 }
 
+/// A Redis of one test's own, without persistence, started on a free port
+/// with `extra` arguments (e.g. Redis's defaults where the shared one
+/// differs); returns it (stopped when dropped) and its URL.
+pub fn private_redis(name: &str, extra: &[&str]) -> (Service, String) {
+    let port = free_port().to_string();
+    let mut args = vec![
+        "--port",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ];
+    args.extend_from_slice(extra);
+    let mut redis = Service::new(name, "redis-server", &args, &[]);
+    redis.start();
+    (redis, format!("redis://127.0.0.1:{port}/"))
+}
+
 /// The index Tansu 0.6's sqlite schema lacks (shared with `stack.sh`).
 const TANSU_HEADER_INDEX: &str = include_str!("../../deploy/local/tansu-header-index.sql");
 

@@ -970,14 +970,7 @@ async fn versions(redis_url: &str) -> String {
     let redis = async {
         let client = redis::Client::open(redis_url).ok()?;
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .ok()?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-            .map(str::to_owned)
+        hooklog_processor::projection::store::redis_version(&mut conn).await
     }
     .await
     .unwrap_or_else(|| "?".into());

@@ -53,6 +53,18 @@ pub use state::{clock, entity_state, EntityState};
 const COMMIT_LUA: &str = include_str!("../../../lua/commit.lua");
 const SEEN_LUA: &str = include_str!("../../../lua/seen.lua");
 
+/// `redis_version` from `INFO server`, when the server tells.
+pub async fn redis_version(conn: &mut impl redis::aio::ConnectionLike) -> Option<String> {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(|v| v.trim().to_owned())
+}
+
 /// Unix seconds now.
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -320,26 +332,16 @@ impl Store {
                 }
                 Err(e) => e,
             };
-            let server = self.server_version().await.unwrap_or_default();
+            let server = redis_version(&mut conn.clone())
+                .await
+                .map(|v| format!(" {v}"))
+                .unwrap_or_default();
             let why = refused.detail().unwrap_or(refused.category()).trim();
             return Ok(Some(format!(
                 "Redis{server} refused {command} ({why}): Hooklog's projections need Redis {since} or later (or a compatible server with {command})"
             )));
         }
         Ok(None)
-    }
-
-    /// ` <redis_version>` from `INFO server`, when Redis tells.
-    async fn server_version(&self) -> Option<String> {
-        let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .ok()?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-            .map(|v| format!(" {}", v.trim()))
     }
 
     /// Redis's `hash-max-listpack-value` (`hash-max-ziplist-value` before
