@@ -83,7 +83,7 @@ pub async fn connect_store(
             Ok(s) => return Ok(Some(s)),
             Err(e @ OpenStoreError::Unsupported(_)) => return Err(e.into()),
             Err(e) => {
-                warn!(error = %e, "Redis unreachable; retrying.");
+                warn!(error = %e, "Redis unavailable; retrying.");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -93,15 +93,27 @@ pub async fn connect_store(
     }
 }
 
-/// Warns when Redis would keep entities with long event ids in its larger
-/// hash encoding (see [`RECOMMENDED_LISTPACK_VALUE`]).
+/// Warns about Redis settings that cost memory or correctness: entities
+/// with long event ids kept in Redis's larger hash encoding (see
+/// [`RECOMMENDED_LISTPACK_VALUE`]), and a memory limit that evicts keys
+/// rather than refusing writes.
 async fn check_redis_settings(store: &Store) {
-    if let Some(limit) = store.listpack_value_limit().await {
+    let settings = store.redis_settings().await;
+    if let Some(limit) = settings.listpack_value {
         if limit < RECOMMENDED_LISTPACK_VALUE {
             warn!(
                 hash_max_listpack_value = limit,
                 recommended = RECOMMENDED_LISTPACK_VALUE,
                 "Redis keeps a hash compact only while every value fits hash-max-listpack-value, and an entity's clocks hold an event id (16 bytes + the id, 87 for a body-hash id): entities with long ids take ~80 % more memory. Set it to 128 (docs/operations.md, \"Redis memory\")."
+            );
+        }
+    }
+    if let (Some(maxmemory @ 1..), Some(policy)) = (settings.maxmemory, settings.maxmemory_policy) {
+        if policy != "noeviction" {
+            warn!(
+                maxmemory,
+                maxmemory_policy = %policy,
+                "Redis deletes keys to make room when it reaches maxmemory: it would drop entities, and dedup markers (then a redelivered event applies twice). Set maxmemory-policy noeviction: a full Redis then refuses writes, and the processor pauses until there is room (docs/operations.md)."
             );
         }
     }

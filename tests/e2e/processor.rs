@@ -9,7 +9,7 @@ use hooklog_e2e::events::{self, raw};
 use hooklog_e2e::sign::{self, now};
 use hooklog_e2e::{
     eventually, get_json, kafka, let_killed_member_expire, metric, private_redis, secret,
-    shared_stack, Stack, TestEnv,
+    shared_stack, wait_http_ok, Stack, TestEnv,
 };
 use serde_json::Value;
 
@@ -474,36 +474,44 @@ async fn a_crash_between_apply_and_changelog_still_publishes_the_state() {
     let _ = shared_stack();
 }
 
-/// On a Redis with its default `hash-max-listpack-value` (64) the processor
-/// warns at start that entities with long event ids take more memory; on
-/// the tests' Redis, set as recommended (128), it does not.
+/// On a Redis with its default `hash-max-listpack-value` (64) and a memory
+/// limit that evicts keys, the processor warns at start that entities with
+/// long event ids take more memory and that eviction would drop entities
+/// and dedup markers; on the tests' Redis, set as recommended (128, no
+/// limit), it does not.
 #[tokio::test]
-async fn warns_when_redis_keeps_long_ids_in_large_hashes() {
+async fn warns_about_redis_settings_that_cost_memory_or_correctness() {
     let stack = shared_stack();
-    let (_redis, url) = private_redis("redis-default", &[]);
-    // The warning's fields, from the processor's JSON log lines.
-    let warned = |log: &str| {
+    let (_redis, url) = private_redis(
+        "redis-default",
+        &["--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
+    );
+    // The warnings' fields, from the processor's JSON log lines.
+    let warned = |log: &str, field: &str, other: &str| {
         log.lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|l| l["level"] == "WARN" && l.get("hash_max_listpack_value").is_some())
-            .map(|l| {
-                (
-                    l["hash_max_listpack_value"].clone(),
-                    l["recommended"].clone(),
-                )
-            })
+            .find(|l| l["level"] == "WARN" && l.get(field).is_some())
+            .map(|l| (l[field].clone(), l[other].clone()))
     };
+    let listpack = |log: &str| warned(log, "hash_max_listpack_value", "recommended");
+    let eviction = |log: &str| warned(log, "maxmemory_policy", "maxmemory");
     let default = TestEnv::on("proc-listpack", &stack.brokers, &url, "");
     default.create_topics();
     let processor = default.processor();
     let log = processor.log_text();
-    assert_eq!(warned(&log), Some((64.into(), 128.into())), "{log}");
+    assert_eq!(listpack(&log), Some((64.into(), 128.into())), "{log}");
+    assert_eq!(
+        eviction(&log),
+        Some(("allkeys-lru".into(), (256u64 << 20).into())),
+        "{log}"
+    );
 
     let recommended = TestEnv::on("proc-listpack-ok", &stack.brokers, &stack.redis_url, "");
     recommended.create_topics();
     let processor = recommended.processor();
     let log = processor.log_text();
-    assert_eq!(warned(&log), None, "{log}");
+    assert_eq!(listpack(&log), None, "{log}");
+    assert_eq!(eviction(&log), None, "{log}");
 }
 
 /// On a Redis without `SMISMEMBER` or `ZADD … GT` (Redis before 6.2; here
@@ -540,4 +548,85 @@ async fn refuses_a_redis_without_the_commands_it_needs() {
     current.create_topics();
     let processor = current.processor();
     assert!(!processor.log_text().contains("Redis 6.2 or later"));
+}
+
+/// A full Redis (`maxmemory` reached, `noeviction`) refuses every write with
+/// `OOM`. The processor waits at start instead of exiting, pauses
+/// mid-stream (`/readyz` fails, the retries are counted, nothing is
+/// applied), and once there is room applies every record exactly once.
+#[tokio::test]
+async fn a_full_redis_pauses_the_processor_until_there_is_room() {
+    let stack = shared_stack();
+    let (_redis, url) = private_redis("redis-full", &[]);
+    let set_maxmemory = |bytes: &str| {
+        let mut conn = redis::Client::open(url.as_str())
+            .and_then(|c| c.get_connection())
+            .expect("redis");
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(bytes)
+            .query::<()>(&mut conn)
+            .expect("CONFIG SET maxmemory");
+    };
+    let env = TestEnv::on(
+        "proc-full",
+        &stack.brokers,
+        &url,
+        "[processor]\nbatch_size = 100",
+    );
+    env.create_topics();
+    let (records, expected) = charge_stream(&env, 1000, 10);
+    let producer = kafka::producer(&env.brokers);
+
+    // Full before the processor starts: it waits.
+    set_maxmemory("1");
+    let mut processor = env.processor_service();
+    processor.start();
+    eventually(
+        "the processor reports the full Redis",
+        Duration::from_secs(30),
+        || async { processor.log_text().contains("OOM").then_some(()) },
+    )
+    .await;
+    assert!(processor.is_running(), "{}", processor.log_text());
+    set_maxmemory("0");
+    let ready = format!("{}/readyz", env.processor_url());
+    wait_http_ok(&ready, Duration::from_secs(30));
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[..500]).await;
+    eventually(
+        "the first half applied",
+        Duration::from_secs(60),
+        || async { (applied(&env).await >= 500.0).then_some(()) },
+    )
+    .await;
+
+    // Full mid-stream: it pauses, and applies nothing it cannot write.
+    set_maxmemory("1");
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[500..]).await;
+    eventually(
+        "readyz reports the pause",
+        Duration::from_secs(30),
+        || async { get_json(&ready).await.is_none().then_some(()) },
+    )
+    .await;
+    let retries = metric(
+        &env.processor_url(),
+        "hooklog_processor_transient_retries_total",
+        &["redis"],
+    )
+    .await;
+    assert!(retries >= 1.0, "retries {retries}");
+    assert_eq!(applied(&env).await, 500.0);
+
+    set_maxmemory("0");
+    assert_sums(&env, &expected).await;
+    // The metric follows the write by a moment; then every event counts
+    // once as applied.
+    let total = eventually("every event counted", Duration::from_secs(30), || async {
+        let n = applied(&env).await;
+        (n >= 1000.0).then_some(n)
+    })
+    .await;
+    assert_eq!(total, 1000.0);
 }

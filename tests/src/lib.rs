@@ -503,7 +503,8 @@ impl Stack {
 
 /// A Redis of one test's own, without persistence, started on a free port
 /// with `extra` arguments (e.g. Redis's defaults where the shared one
-/// differs); returns it (stopped when dropped) and its URL.
+/// differs), once it answers; returns it (stopped when dropped) and its
+/// URL.
 pub fn private_redis(name: &str, extra: &[&str]) -> (Service, String) {
     let port = free_port().to_string();
     let mut args = vec![
@@ -519,7 +520,18 @@ pub fn private_redis(name: &str, extra: &[&str]) -> (Service, String) {
     args.extend_from_slice(extra);
     let mut redis = Service::new(name, "redis-server", &args, &[]);
     redis.start();
-    (redis, format!("redis://127.0.0.1:{port}/"))
+    let url = format!("redis://127.0.0.1:{port}/");
+    let client = redis::Client::open(url.as_str()).expect("url");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client
+        .get_connection()
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "{name} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (redis, url)
 }
 
 /// The index Tansu 0.6's sqlite schema lacks (shared with `stack.sh`).

@@ -100,6 +100,19 @@ pub const STRIPES: usize = 16;
 /// (docs/operations.md, "Redis memory").
 pub const RECOMMENDED_LISTPACK_VALUE: u64 = 128;
 
+/// What [`Store::redis_settings`] read.
+#[derive(Debug, Default)]
+pub struct RedisSettings {
+    /// `hash-max-listpack-value` (`hash-max-ziplist-value` before Redis 7):
+    /// see [`RECOMMENDED_LISTPACK_VALUE`].
+    pub listpack_value: Option<u64>,
+    /// `maxmemory` in bytes (0: no limit).
+    pub maxmemory: Option<u64>,
+    /// `maxmemory-policy`: what Redis does when full. Anything but
+    /// `noeviction` deletes keys (entities, dedup markers) to make room.
+    pub maxmemory_policy: Option<String>,
+}
+
 /// Commands the store uses that older Redis lacks: (name, the probe's
 /// arguments after its key, the Redis version that added it). The probes
 /// only read, or write nothing to a key that does not exist.
@@ -314,8 +327,9 @@ impl Store {
     /// Why this Redis cannot hold projections, if it cannot: a command the
     /// store needs that it does not know (or refuses), e.g. `SMISMEMBER` on
     /// Redis before 6.2, whose scripts would otherwise fail at the first
-    /// batch and retry forever. Probed with a read of a key nobody writes.
-    /// Errors only when Redis does not answer (worth retrying).
+    /// batch and retry forever. Probed on a key nobody writes, writing
+    /// nothing. Errors when Redis does not answer, or answers that it cannot
+    /// now (full, loading): worth retrying.
     pub async fn unsupported(&self) -> Result<Option<String>, RedisError> {
         let mut conn = self.conn.clone();
         for &(command, args, since) in NEWER_COMMANDS {
@@ -325,12 +339,13 @@ impl Store {
                 .arg(args)
                 .query_async::<redis::Value>(&mut conn)
                 .await;
+            // An old Redis answers `ERR unknown command` (SMISMEMBER) or
+            // `ERR` about the arguments (GT); other answers are a moment's
+            // (`OOM` when full, `LOADING`, `BUSY`) or not about the command.
             let refused = match probe {
                 Ok(_) => continue,
-                Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
-                    return Err(e)
-                }
-                Err(e) => e,
+                Err(e) if e.kind() == ErrorKind::ResponseError => e,
+                Err(e) => return Err(e),
             };
             let server = redis_version(&mut conn.clone())
                 .await
@@ -344,20 +359,36 @@ impl Store {
         Ok(None)
     }
 
-    /// Redis's `hash-max-listpack-value` (`hash-max-ziplist-value` before
-    /// Redis 7), when Redis tells: managed services may refuse `CONFIG`.
-    pub async fn listpack_value_limit(&self) -> Option<u64> {
+    /// The Redis settings Hooklog has advice about, as far as Redis tells:
+    /// managed services may refuse `CONFIG` (then all None).
+    pub async fn redis_settings(&self) -> RedisSettings {
         let mut conn = self.conn.clone();
-        let pairs: Vec<String> = redis::cmd("CONFIG")
+        let replies: Result<(Vec<String>, Vec<String>), RedisError> = redis::pipe()
+            .cmd("CONFIG")
             .arg("GET")
             .arg("hash-max-*-value")
+            .cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory*")
             .query_async(&mut conn)
-            .await
-            .ok()?;
-        pairs
-            .chunks_exact(2)
-            .filter_map(|p| p[1].parse().ok())
-            .min()
+            .await;
+        let Ok((listpack, memory)) = replies else {
+            return RedisSettings::default();
+        };
+        let value = |name: &str| {
+            memory
+                .chunks_exact(2)
+                .find(|p| p[0] == name)
+                .map(|p| p[1].clone())
+        };
+        RedisSettings {
+            listpack_value: listpack
+                .chunks_exact(2)
+                .filter_map(|p| p[1].parse().ok())
+                .min(),
+            maxmemory: value("maxmemory").and_then(|v| v.parse().ok()),
+            maxmemory_policy: value("maxmemory-policy"),
+        }
     }
 
     /// PING.
