@@ -630,3 +630,84 @@ async fn a_full_redis_pauses_the_processor_until_there_is_room() {
     .await;
     assert_eq!(total, 1000.0);
 }
+
+/// The broker goes away mid-stream (cut behind a proxy) and comes back:
+/// the processor pauses once it cannot get the changelog acknowledged,
+/// then carries on without a restart. Every event is applied once, and
+/// each customer's last changelog record is its final state.
+#[tokio::test]
+async fn broker_outage_pauses_and_resumes_without_loss() {
+    let (stack, proxy) = Stack::start_behind_proxy();
+    let env = TestEnv::on(
+        "proc-broker",
+        &stack.brokers,
+        &stack.redis_url,
+        "[processor]\nbatch_size = 100",
+    );
+    env.create_topics();
+    let (records, expected) = charge_stream(&env, 4000, 20);
+    let producer = kafka::producer(&env.brokers);
+    kafka::produce_all(&producer, &env.topic("stripe"), &records).await;
+    let _processor = env.processor();
+    eventually("progress", Duration::from_secs(60), || async {
+        (applied(&env).await >= 400.0).then_some(())
+    })
+    .await;
+
+    proxy.down();
+    let ready = format!("{}/readyz", env.processor_url());
+    eventually(
+        "readyz reports the pause",
+        Duration::from_secs(60),
+        || async { get_json(&ready).await.is_none().then_some(()) },
+    )
+    .await;
+    let retries = metric(
+        &env.processor_url(),
+        "hooklog_processor_transient_retries_total",
+        &["kafka"],
+    )
+    .await;
+    assert!(retries >= 1.0, "retries {retries}");
+    proxy.up();
+
+    assert_sums(&env, &expected).await;
+    let total = eventually("every event counted", Duration::from_secs(60), || async {
+        let n = applied(&env).await;
+        (n >= 4000.0).then_some(n)
+    })
+    .await;
+    assert_eq!(total, 4000.0);
+    wait_http_ok(&ready, Duration::from_secs(60));
+    // The changelog follows the apply: wait for each customer's last record
+    // to count every charge, then compare it whole.
+    let last = eventually(
+        "the changelog's final states",
+        Duration::from_secs(60),
+        || async {
+            let mut last: HashMap<String, Value> = HashMap::new();
+            for r in kafka::read_all(&env.brokers, "hooklog.state.customers") {
+                let state =
+                    serde_json::from_slice(r.value.as_deref().expect("value")).expect("json");
+                last.insert(r.key_str(), state);
+            }
+            expected
+                .iter()
+                .all(|(c, (_, n))| {
+                    last.get(c)
+                        .is_some_and(|s| s["state"]["charges"].as_i64() >= Some(*n))
+                })
+                .then_some(last)
+        },
+    )
+    .await;
+    for (customer, (sum, count)) in &expected {
+        let state = &last[customer]["state"];
+        assert_eq!(
+            state["charges"].as_i64(),
+            Some(*count),
+            "{customer}: {state}"
+        );
+        assert_eq!(state["total_charged"].as_i64(), Some(*sum), "{customer}");
+    }
+}
