@@ -139,12 +139,16 @@ async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
 }
 
 /// `/readyz` of both HTTP servers: 200 when Redis answers and the consumer
-/// runs unpaused, else 503; the body says which.
+/// has started, else 503; the body says which, and whether a loop is
+/// paused. A pause (Kafka down, Redis full) stops the apply, not the
+/// reads: the read API and the subscription API still answer from Redis,
+/// so the pod stays in its Service rather than every replica leaving it at
+/// once; `hooklog_processor_paused` and its alert report the stall.
 pub fn readiness(health: &Health, redis_ok: bool) -> Response {
     let paused = health.is_paused();
     let running = health.running.load(Ordering::Relaxed);
     let body = json!({"redis": redis_ok, "consumer_running": running, "paused": paused});
-    if redis_ok && running && !paused {
+    if redis_ok && running {
         Json(body).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
@@ -158,4 +162,33 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
 /// A Prometheus text exposition answer (both HTTP servers).
 pub fn prometheus(text: String) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_while_redis_answers_and_the_consumer_runs_even_when_paused() {
+        let health = Health::default();
+        assert_eq!(
+            readiness(&health, true).status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not started"
+        );
+        health.running.store(true, Ordering::Relaxed);
+        assert_eq!(readiness(&health, true).status(), StatusCode::OK);
+        let paused = health.pause();
+        assert_eq!(
+            readiness(&health, true).status(),
+            StatusCode::OK,
+            "a paused apply still serves reads"
+        );
+        assert_eq!(
+            readiness(&health, false).status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Redis does not answer"
+        );
+        drop(paused);
+    }
 }
