@@ -180,7 +180,24 @@ pub async fn run(
                 }
             }
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            // Leave things as they were: live applies stop dual-writing,
+            // and the partial version's memory is freed (deletes are
+            // allowed on a full Redis).
+            warn!(projection = name, version, error = %e, "Rebuild failed; removing its partial version.");
+            let cleanup = async {
+                let _: () = conn.del(store.building_key(name)).await?;
+                delete_version(store, name, version).await
+            };
+            match cleanup.await {
+                Ok(_) => Err(e.context(format!(
+                    "rebuild of {name} failed; its partial version {version} was deleted and readers stay on version {previous}"
+                ))),
+                Err(c) => Err(e.context(format!(
+                    "rebuild of {name} failed, and removing its partial version {version} failed too ({c}); the next rebuild removes it"
+                ))),
+            }
+        }
     };
     lock_refresh.abort();
     let _: Result<(), _> = conn.del(&lock_key).await;
@@ -391,7 +408,7 @@ async fn replay(
     let batch_size = options
         .max_records_per_sec
         .map_or(REPLAY_BATCH, |r| (r as usize / 10).clamp(1, REPLAY_BATCH));
-    let mut in_flight = std::collections::VecDeque::new();
+    let mut in_flight = InFlight::default();
     let write_turn = Arc::new(tokio::sync::Mutex::new(()));
     while !targets.is_empty() {
         let mut batch: Vec<Record> = Vec::with_capacity(batch_size);
@@ -418,8 +435,8 @@ async fn replay(
         // Concurrent writes of two batches would share entities (every
         // batch touches most customers, say) and lose compare-and-set races
         // to each other: measured here, 13 of 31 batches were written twice.
-        while in_flight.len() >= IN_FLIGHT {
-            in_flight.pop_front().expect("in flight").await?;
+        while in_flight.0.len() >= IN_FLIGHT {
+            in_flight.0.pop_front().expect("in flight").await??;
         }
         let mut positions: HashMap<(&str, i32), i64> = HashMap::new();
         for r in &batch {
@@ -433,8 +450,8 @@ async fn replay(
         done += batch.len() as u64;
         below_high += count_below(&highs, &batch);
         let (job_store, job_spec, turn) = (store.clone(), spec.clone(), write_turn.clone());
-        in_flight.push_back(tokio::spawn(async move {
-            apply_replayed(&job_store, &job_spec, version, &batch, &turn).await;
+        in_flight.0.push_back(tokio::spawn(async move {
+            apply_replayed(&job_store, &job_spec, version, &batch, &turn).await
         }));
         for (key, offset) in positions {
             if targets.get(&key).is_some_and(|high| offset + 1 >= *high) {
@@ -464,8 +481,8 @@ async fn replay(
             );
         }
     }
-    for job in in_flight {
-        job.await?;
+    while let Some(job) = in_flight.0.pop_front() {
+        job.await??;
     }
     Ok(done)
 }
@@ -504,14 +521,31 @@ fn progress_line(
     )
 }
 
-/// Applies one replayed batch into `version`, retrying Redis until it works.
+/// The replayed batches being decoded or written; any still running when
+/// the replay stops early (an error) are aborted, so nothing writes into a
+/// version being deleted.
+#[derive(Default)]
+struct InFlight(std::collections::VecDeque<tokio::task::JoinHandle<anyhow::Result<()>>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        for job in &self.0 {
+            job.abort();
+        }
+    }
+}
+
+/// Applies one replayed batch into `version`, retrying Redis until it
+/// works, except when Redis is full: the rebuild is what fills it (it holds
+/// a second copy of the projection while it runs), and waiting would stall
+/// the live processors' writes with it.
 async fn apply_replayed(
     store: &Store,
     spec: &ProjectionSpec,
     version: u64,
     batch: &[Record],
     write_turn: &tokio::sync::Mutex<()>,
-) {
+) -> anyhow::Result<()> {
     let plan = plan(std::iter::once(spec), batch);
     let refs: Vec<_> = plan
         .updates
@@ -523,12 +557,21 @@ async fn apply_replayed(
     let apply_spans = replay_spans.phase(Phase::Apply);
     let mut backoff = Duration::from_millis(100);
     while let Err(e) = store.apply_batch(&refs, Target::Version(version)).await {
+        if e.code() == Some("OOM") {
+            return Err(RedisFull.into());
+        }
         warn!(error = %e, "Redis failed during rebuild; retrying.");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
     drop((apply_spans, replay_spans));
+    Ok(())
 }
+
+/// Redis reached `maxmemory` during a replay.
+#[derive(Debug, thiserror::Error)]
+#[error("Redis is full (maxmemory): a rebuild holds a second copy of the projection while it runs; give Redis that much room and run it again (docs/rebuild.md, \"Room in Redis\")")]
+struct RedisFull;
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hooklog_e2e::events::{self, raw};
 use hooklog_e2e::sign::{self, now};
-use hooklog_e2e::{eventually, get_json, kafka, metric, secret, Service, Stack, TestEnv};
+use hooklog_e2e::{eventually, get_json, kafka, metric, secret, Stack, TestEnv};
 use serde_json::Value;
 
 use crate::ingest::post;
@@ -312,18 +312,8 @@ async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
     wait_applied(&env, "customers", 3000.0).await;
     let before = snapshot(&env, "customers").await;
 
-    let mut envs: Vec<(String, String)> = hooklog_e2e::SECRETS
-        .iter()
-        .map(|(s, _, k)| (format!("E2E_SECRET_{}", s.to_uppercase()), k.to_string()))
-        .collect();
-    envs.push((
-        "HOOKLOG_CONFIG".into(),
-        env.config_path.display().to_string(),
-    ));
-    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut rebuilder = Service::new(
+    let mut rebuilder = env.processor_command(
         "rebuild",
-        hooklog_e2e::bin("hooklog-processor"),
         // Throttled so the kill lands half-way (about 6 s in all).
         &[
             "rebuild",
@@ -334,7 +324,6 @@ async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
             "--max-records-per-sec",
             "500",
         ],
-        &envs,
     );
     rebuilder.start();
     // Kill it as soon as it has started writing version 2.
@@ -398,4 +387,83 @@ async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
             "the killed rebuild's version 2 was discarded"
         );
     }
+}
+
+/// A rebuild that fills Redis (`maxmemory` with `noeviction`) gives up at
+/// once rather than waiting for room: it deletes its partial version and
+/// clears `building`, so readers stay on the old version, the live
+/// processors stop dual-writing and, with the memory back, keep applying.
+/// With room, the same rebuild succeeds.
+#[tokio::test]
+async fn a_rebuild_that_fills_redis_removes_its_partial_version() {
+    let stack = hooklog_e2e::shared_stack();
+    let (_redis, url) = hooklog_e2e::private_redis("redis-rb-full", &[]);
+    let env = TestEnv::on("rb-full", &stack.brokers, &url, "");
+    env.create_topics();
+    let _processor = env.processor();
+    let (records, _) = charge_stream(&env, 10_100, 20);
+    let producer = kafka::producer(&env.brokers);
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[..10_000]).await;
+    wait_applied(&env, "customers", 10_000.0).await;
+    let before = snapshot(&env, "customers").await;
+
+    // Room for a little more than what is there (the rebuild's own
+    // connections take some), not for a second copy of the customers'
+    // 10,000 remembered event ids (~700 KB).
+    let mut conn = env.redis();
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory");
+    let set_maxmemory = |conn: &mut redis::Connection, bytes: u64| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(bytes)
+            .query::<()>(conn)
+            .unwrap();
+    };
+    set_maxmemory(&mut conn, used + 384 * 1024);
+    let mut rebuilder = env.processor_command(
+        "rebuild",
+        &["rebuild", "--projection", "customers", "--grace-secs", "0"],
+    );
+    rebuilder.start();
+    assert!(
+        rebuilder.wait_exit(Duration::from_secs(60)),
+        "the rebuild kept waiting for room: {}",
+        rebuilder.log_text()
+    );
+    let out = rebuilder.log_text();
+    assert!(!out.contains("is current"), "the rebuild fit: {out}");
+    assert!(
+        out.contains("Redis is full") && out.contains("partial version 2 was deleted"),
+        "{out}"
+    );
+    let building: Option<u64> = redis::cmd("GET")
+        .arg(format!("{}{{customers}}:building", env.prefix))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(building, None);
+    let partial: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}{{customers}}:v2:*", env.prefix))
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        partial.is_empty(),
+        "{} keys of version 2 left",
+        partial.len()
+    );
+    assert_eq!(snapshot(&env, "customers").await, before);
+
+    // Its memory is back: live applies go on under the same limit.
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[10_000..]).await;
+    wait_applied(&env, "customers", 10_100.0).await;
+
+    set_maxmemory(&mut conn, 0);
+    let after_live = snapshot(&env, "customers").await;
+    rebuild(&env, "customers");
+    assert_eq!(snapshot(&env, "customers").await, after_live);
 }

@@ -782,6 +782,12 @@ name = "customers"
         assert!(ok, "create-topics failed: {out}");
     }
 
+    /// Defines `hooklog-processor <args>` as a service (not started), for
+    /// commands a test must be able to kill or time out.
+    pub fn processor_command(&self, name: &str, args: &[&str]) -> Service {
+        self.service(name, "hooklog-processor", args)
+    }
+
     fn service(&self, name: &str, binary: &str, args: &[&str]) -> Service {
         let envs = self.envs();
         let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
