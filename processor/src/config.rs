@@ -110,6 +110,17 @@ pub struct RedisConfig {
     /// every write goes through the commit script.
     #[serde(default = "default_watched_commits")]
     pub watched_commits: bool,
+    /// Replicas that must have each apply's writes before its offsets are
+    /// committed (`WAIT`); 0 (the default) commits once the primary has
+    /// them. Redis replicates asynchronously: with 0, a failover to a
+    /// replica that missed the last writes loses their updates for good
+    /// (their offsets were committed), until a rebuild.
+    #[serde(default)]
+    pub wait_replicas: u32,
+    /// How long an apply waits for those replicas before it counts as
+    /// failed and is retried (the processor pauses meanwhile).
+    #[serde(default = "default_wait_timeout_ms")]
+    pub wait_timeout_ms: u64,
 }
 
 fn default_redis_url() -> String {
@@ -121,6 +132,9 @@ fn default_key_prefix() -> String {
 const fn default_watched_commits() -> bool {
     true
 }
+const fn default_wait_timeout_ms() -> u64 {
+    1000
+}
 
 impl Default for RedisConfig {
     fn default() -> Self {
@@ -128,6 +142,8 @@ impl Default for RedisConfig {
             url: default_redis_url(),
             key_prefix: default_key_prefix(),
             watched_commits: default_watched_commits(),
+            wait_replicas: 0,
+            wait_timeout_ms: default_wait_timeout_ms(),
         }
     }
 }
@@ -259,6 +275,11 @@ impl ConfigFile for Config {
         if self.processor.batch_size == 0 {
             return Err(ConfigError("processor.batch_size must be > 0".into()));
         }
+        if self.redis.wait_replicas > 0 && self.redis.wait_timeout_ms == 0 {
+            return Err(ConfigError(
+                "redis.wait_timeout_ms must be > 0 when redis.wait_replicas is set (0 would wait forever)".into(),
+            ));
+        }
         self.delivery.validate()?;
         let mut names = std::collections::HashSet::new();
         for p in &self.projections {
@@ -335,6 +356,21 @@ mod tests {
         assert!(cfg.redis.watched_commits);
         let cfg = Config::from_toml("[redis]\nwatched_commits = false").unwrap();
         assert!(!cfg.redis.watched_commits);
+    }
+
+    #[test]
+    fn waits_for_no_replica_unless_asked_and_never_forever() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(
+            (cfg.redis.wait_replicas, cfg.redis.wait_timeout_ms),
+            (0, 1000)
+        );
+        let cfg = Config::from_toml("[redis]\nwait_replicas = 1").unwrap();
+        assert_eq!(cfg.redis.wait_replicas, 1);
+        let err = Config::from_toml("[redis]\nwait_replicas = 1\nwait_timeout_ms = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.wait_timeout_ms"), "{err}");
     }
 
     #[test]

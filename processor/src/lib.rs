@@ -66,6 +66,7 @@ pub async fn open_store(config: &Config) -> Result<Store, OpenStoreError> {
     if let Some(why) = store.unsupported().await? {
         return Err(OpenStoreError::Unsupported(why));
     }
+    let store = store.with_replica_wait(config.redis.wait_replicas, config.redis.wait_timeout_ms);
     Ok(match config.redis.watched_commits {
         true => store,
         false => store.scripted_only(),

@@ -719,3 +719,74 @@ async fn reports_pause_and_still_serves(env: &TestEnv, expected: &Expected) {
         "the read API answers during the pause"
     );
 }
+
+/// With `redis.wait_replicas = 1` an apply counts only once a replica has
+/// its writes: while the replica is down the processor pauses (the primary
+/// alone is not enough), and when it is back every event is applied
+/// exactly once.
+#[tokio::test]
+async fn waits_for_a_replica_when_asked() {
+    let stack = shared_stack();
+    let (_primary, url) = private_redis("redis-primary", &[]);
+    let primary_port = url
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (mut replica, _) = private_redis(
+        "redis-replica",
+        &["--replicaof", "127.0.0.1", &primary_port],
+    );
+    let mut conn = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let replicas_online = |conn: &mut redis::Connection| {
+        let info: String = redis::cmd("INFO").arg("replication").query(conn).unwrap();
+        info.lines()
+            .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !replicas_online(&mut conn) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never synced"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let env = TestEnv::on(
+        "proc-wait",
+        &stack.brokers,
+        &url,
+        "[processor]\nbatch_size = 100",
+    );
+    env.create_topics();
+    let (records, expected) = charge_stream(&env, 1000, 10);
+    let producer = kafka::producer(&env.brokers);
+    let mut processor = env.processor_service();
+    processor.env("HOOKLOG_REDIS__WAIT_REPLICAS", "1");
+    processor.env("HOOKLOG_REDIS__WAIT_TIMEOUT_MS", "300");
+    processor.start();
+    wait_http_ok(
+        &format!("{}/readyz", env.processor_url()),
+        Duration::from_secs(30),
+    );
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[..500]).await;
+    eventually(
+        "the first half applied",
+        Duration::from_secs(60),
+        || async { (applied(&env).await >= 500.0).then_some(()) },
+    )
+    .await;
+
+    replica.kill();
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[500..]).await;
+    reports_pause_and_still_serves(&env, &expected).await;
+    let log = processor.log_text();
+    assert!(log.contains("0 of 1 within 300 ms"), "{log}");
+    assert_eq!(applied(&env).await, 500.0);
+
+    replica.start();
+    assert_sums(&env, &expected).await;
+}

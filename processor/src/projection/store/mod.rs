@@ -252,6 +252,9 @@ pub struct Store {
     watch_backoff: Arc<WatchBackoff>,
     /// Every apply goes through `lua/commit.lua` (see [`Store::scripted_only`]).
     scripted_only: bool,
+    /// Replicas each apply waits for, and how long (see
+    /// [`Store::wait_for_replicas`]).
+    replica_wait: Option<(u32, u64)>,
 }
 
 impl Store {
@@ -278,6 +281,7 @@ impl Store {
             watch_pool: Arc::default(),
             watch_backoff: Arc::default(),
             scripted_only: false,
+            replica_wait: None,
         };
         store.load_script().await?;
         Ok(store)
@@ -543,6 +547,12 @@ impl Store {
                         .await?
                 }
             };
+            if !calls.is_empty() {
+                match watched.as_mut() {
+                    Some(c) => self.wait_for_replicas(c).await?,
+                    None => self.wait_for_replicas(&mut conn).await?,
+                }
+            }
             if let Some(c) = watched {
                 self.watch_pool.lock().expect("lock").push(c);
             }
@@ -609,6 +619,38 @@ impl Store {
                 since,
             })
             .collect())
+    }
+
+    /// Every apply that wrote waits until `replicas` replicas have its
+    /// writes (`WAIT`, at most `timeout_ms`), and fails if fewer did: its
+    /// batch is then retried (idempotently) and its offsets wait, so a
+    /// failover to one of those replicas loses no applied update.
+    pub fn with_replica_wait(mut self, replicas: u32, timeout_ms: u64) -> Self {
+        self.replica_wait = (replicas > 0).then_some((replicas, timeout_ms));
+        self
+    }
+
+    /// `WAIT` on the connection that wrote (see [`Store::with_replica_wait`]).
+    async fn wait_for_replicas(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> Result<(), RedisError> {
+        let Some((replicas, timeout_ms)) = self.replica_wait else {
+            return Ok(());
+        };
+        let acked: u32 = redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout_ms)
+            .query_async(conn)
+            .await?;
+        if acked < replicas {
+            return Err(RedisError::from((
+                ErrorKind::TryAgain,
+                "replicas did not acknowledge the write",
+                format!("{acked} of {replicas} within {timeout_ms} ms (redis.wait_replicas)"),
+            )));
+        }
+        Ok(())
     }
 
     /// This store applies every batch with `lua/commit.lua`, never with a
