@@ -11,6 +11,7 @@
 //! - [`changelog`]: changelog and DLQ producer;
 //! - [`api`]: read API, health, metrics, rebuild endpoint;
 //! - [`rebuild`]: replay into a new version, switch or verify;
+//! - [`replicas`]: waiting for Redis replicas before offsets are committed;
 //! - [`spans`]: per-record OpenTelemetry spans of batched work;
 //! - [`topics`]: topic creation through the admin API;
 //! - [`metrics`]: Prometheus metrics;
@@ -26,6 +27,7 @@ pub mod delivery;
 pub mod metrics;
 pub mod projection;
 pub mod rebuild;
+pub mod replicas;
 pub mod spans;
 pub mod topics;
 
@@ -41,6 +43,7 @@ use crate::config::Config;
 use crate::consume::{Health, Pipeline};
 use crate::metrics::Metrics;
 use crate::projection::store::{Store, RECOMMENDED_LISTPACK_VALUE};
+use crate::replicas::ReplicaWait;
 
 /// Why the projection store could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +69,7 @@ pub async fn open_store(config: &Config) -> Result<Store, OpenStoreError> {
     if let Some(why) = store.unsupported().await? {
         return Err(OpenStoreError::Unsupported(why));
     }
-    let store = store.with_replica_wait(config.redis.wait_replicas, config.redis.wait_timeout_ms);
+    let store = store.with_replica_wait(ReplicaWait::from_config(&config.redis));
     Ok(match config.redis.watched_commits {
         true => store,
         false => store.scripted_only(),

@@ -615,3 +615,66 @@ async fn an_endpoint_failing_for_long_is_disabled_and_reported() {
     assert_eq!(disabled, 1.0);
     assert!(deliverer.log_text().contains("disabled automatically"));
 }
+
+/// With `redis.wait_replicas = 1` the fan-out commits an event's offset only
+/// once a replica has its jobs: with the replica down it pauses (the
+/// deliverer's `/readyz` body says so); with the replica back it carries
+/// on, and each event is delivered once.
+#[tokio::test]
+async fn the_fan_out_waits_for_a_replica_when_asked() {
+    let stack = hooklog_e2e::shared_stack();
+    let (_primary, url) = hooklog_e2e::private_redis("dlv-primary", &[]);
+    let mut replica = hooklog_e2e::private_replica("dlv-replica", &url);
+    let env = TestEnv::on("dlv-wait", &stack.brokers, &url, "");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let mut deliverer = env.deliverer_service();
+    deliverer.env("HOOKLOG_REDIS__WAIT_REPLICAS", "1");
+    deliverer.env("HOOKLOG_REDIS__WAIT_TIMEOUT_MS", "300");
+    deliverer.start();
+    let ready = format!("{}/readyz", env.delivery_url());
+    hooklog_e2e::wait_http_ok(&ready, Duration::from_secs(60));
+    let agent = Receiver::start(&[200], Duration::ZERO).await;
+    subscribe(&env, "order.shipped", &agent.url).await;
+    let first = ship(&env, &order(&unique("evt_"), "ORD-W1", "order.shipped")).await;
+    wait_hits(&agent, 1, Duration::from_secs(60)).await;
+
+    replica.kill();
+    let second = ship(&env, &order(&unique("evt_"), "ORD-W2", "order.shipped")).await;
+    let paused = |want: bool| {
+        let ready = ready.clone();
+        async move {
+            get_json(&ready)
+                .await
+                .filter(|b| b["paused"] == want)
+                .map(|_| ())
+        }
+    };
+    eventually("the fan-out pauses", Duration::from_secs(30), || {
+        paused(true)
+    })
+    .await;
+    assert!(
+        deliverer.log_text().contains("0 of 1 within 300 ms"),
+        "{}",
+        deliverer.log_text()
+    );
+
+    replica.start();
+    eventually("the fan-out resumes", Duration::from_secs(60), || {
+        paused(false)
+    })
+    .await;
+    wait_hits(&agent, 2, Duration::from_secs(60)).await;
+    // Room for a duplicate to show up.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut got: Vec<String> = agent
+        .hits()
+        .iter()
+        .filter_map(|h| h.header("webhook-id").map(str::to_owned))
+        .collect();
+    got.sort();
+    let mut want = vec![first, second];
+    want.sort();
+    assert_eq!(got, want);
+}

@@ -8,8 +8,8 @@ use std::time::Duration;
 use hooklog_e2e::events::{self, raw};
 use hooklog_e2e::sign::{self, now};
 use hooklog_e2e::{
-    eventually, get_json, kafka, let_killed_member_expire, metric, private_redis, secret,
-    shared_stack, wait_http_ok, Stack, TestEnv,
+    eventually, get_json, kafka, let_killed_member_expire, metric, private_redis, private_replica,
+    secret, shared_stack, wait_http_ok, Stack, TestEnv,
 };
 use serde_json::Value;
 
@@ -728,32 +728,7 @@ async fn reports_pause_and_still_serves(env: &TestEnv, expected: &Expected) {
 async fn waits_for_a_replica_when_asked() {
     let stack = shared_stack();
     let (_primary, url) = private_redis("redis-primary", &[]);
-    let primary_port = url
-        .trim_end_matches('/')
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_owned();
-    let (mut replica, _) = private_redis(
-        "redis-replica",
-        &["--replicaof", "127.0.0.1", &primary_port],
-    );
-    let mut conn = redis::Client::open(url.as_str())
-        .and_then(|c| c.get_connection())
-        .expect("redis");
-    let replicas_online = |conn: &mut redis::Connection| {
-        let info: String = redis::cmd("INFO").arg("replication").query(conn).unwrap();
-        info.lines()
-            .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !replicas_online(&mut conn) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replica never synced"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut replica = private_replica("redis-replica", &url);
 
     let env = TestEnv::on(
         "proc-wait",

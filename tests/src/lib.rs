@@ -534,6 +534,36 @@ pub fn private_redis(name: &str, extra: &[&str]) -> (Service, String) {
     (redis, url)
 }
 
+/// A replica of the Redis at `primary_url` ([`private_redis`]), once in
+/// sync with it.
+pub fn private_replica(name: &str, primary_url: &str) -> Service {
+    let port = primary_url
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_owned();
+    let (replica, _) = private_redis(name, &["--replicaof", "127.0.0.1", &port]);
+    let mut conn = redis::Client::open(primary_url)
+        .and_then(|c| c.get_connection())
+        .expect("primary");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut conn)
+            .expect("INFO");
+        if info
+            .lines()
+            .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
+        {
+            return replica;
+        }
+        assert!(Instant::now() < deadline, "{name} never synced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The index Tansu 0.6's sqlite schema lacks (shared with `stack.sh`).
 const TANSU_HEADER_INDEX: &str = include_str!("../../deploy/local/tansu-header-index.sql");
 

@@ -73,7 +73,8 @@ pub async fn run(
     let conn = store.connection();
     let prefix = &config.redis.key_prefix;
     let subs = subscription::SubscriptionStore::new(conn.clone(), prefix);
-    let queue = queue::Queue::new(conn, prefix, config.delivery.retention_secs);
+    let queue = queue::Queue::new(conn, prefix, config.delivery.retention_secs)
+        .with_replica_wait(crate::replicas::ReplicaWait::from_config(&config.redis));
     let cache = Arc::new(subscription::SubscriptionCache::default());
     let metrics = Arc::new(metrics::DeliveryMetrics::default());
     let health = Arc::new(Health::default());

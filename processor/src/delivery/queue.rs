@@ -14,6 +14,8 @@ use redis::aio::ConnectionManager;
 use redis::{ErrorKind, RedisError, Script};
 use serde::{Deserialize, Serialize};
 
+use crate::replicas::ReplicaWait;
+
 /// Creates the job unless it exists (a redelivered event).
 const ENQUEUE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -94,6 +96,8 @@ pub struct Queue {
     retention_secs: u64,
     enqueue: Script,
     claim: Script,
+    /// Replicas new jobs wait for before the fan-out commits their offsets.
+    replica_wait: Option<ReplicaWait>,
 }
 
 impl Queue {
@@ -105,7 +109,16 @@ impl Queue {
             retention_secs,
             enqueue: Script::new(ENQUEUE),
             claim: Script::new(CLAIM),
+            replica_wait: None,
         }
+    }
+
+    /// New jobs wait until replicas have them (see [`ReplicaWait`]): the
+    /// fan-out commits their events' offsets right after, and a failover
+    /// that lost a job would lose its deliveries.
+    pub fn with_replica_wait(mut self, wait: Option<ReplicaWait>) -> Self {
+        self.replica_wait = wait;
+        self
     }
 
     fn job_key(&self, sub: &str, member: &str) -> String {
@@ -126,14 +139,20 @@ impl Queue {
         if jobs.is_empty() {
             return Ok(0);
         }
-        match self.enqueue_once(jobs, now_ms).await {
+        let created = match self.enqueue_once(jobs, now_ms).await {
             Err(e) if e.kind() == ErrorKind::NoScriptError => {
                 let mut conn = self.conn.clone();
                 self.enqueue.prepare_invoke().load_async(&mut conn).await?;
                 self.enqueue_once(jobs, now_ms).await
             }
             other => other,
+        }?;
+        if let Some(wait) = self.replica_wait {
+            // The connection manager's clones share one connection: the one
+            // that wrote.
+            wait.wait(&mut self.conn.clone()).await?;
         }
+        Ok(created)
     }
 
     async fn enqueue_once(&self, jobs: &[NewJob<'_>], now_ms: i64) -> Result<u64, RedisError> {

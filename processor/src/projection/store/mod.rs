@@ -46,6 +46,7 @@ use redis::{AsyncCommands, ErrorKind, RedisError, Script};
 
 use super::fold::{self, Changed, Fields};
 use super::spec::Update;
+use crate::replicas::ReplicaWait;
 use commit::{marker_bucket, MarkerBucket, WatchBackoff};
 use state::pairs;
 pub use state::{clock, entity_state, EntityState};
@@ -252,9 +253,8 @@ pub struct Store {
     watch_backoff: Arc<WatchBackoff>,
     /// Every apply goes through `lua/commit.lua` (see [`Store::scripted_only`]).
     scripted_only: bool,
-    /// Replicas each apply waits for, and how long (see
-    /// [`Store::wait_for_replicas`]).
-    replica_wait: Option<(u32, u64)>,
+    /// Replicas each apply waits for (see [`Store::with_replica_wait`]).
+    replica_wait: Option<ReplicaWait>,
 }
 
 impl Store {
@@ -547,10 +547,10 @@ impl Store {
                         .await?
                 }
             };
-            if !calls.is_empty() {
+            if let Some(wait) = self.replica_wait.filter(|_| !calls.is_empty()) {
                 match watched.as_mut() {
-                    Some(c) => self.wait_for_replicas(c).await?,
-                    None => self.wait_for_replicas(&mut conn).await?,
+                    Some(c) => wait.wait(c).await?,
+                    None => wait.wait(&mut conn).await?,
                 }
             }
             if let Some(c) = watched {
@@ -621,36 +621,13 @@ impl Store {
             .collect())
     }
 
-    /// Every apply that wrote waits until `replicas` replicas have its
-    /// writes (`WAIT`, at most `timeout_ms`), and fails if fewer did: its
-    /// batch is then retried (idempotently) and its offsets wait, so a
-    /// failover to one of those replicas loses no applied update.
-    pub fn with_replica_wait(mut self, replicas: u32, timeout_ms: u64) -> Self {
-        self.replica_wait = (replicas > 0).then_some((replicas, timeout_ms));
+    /// Every apply that wrote waits until replicas have its writes (see
+    /// [`ReplicaWait`]), and fails if they do not in time: its batch is
+    /// then retried (idempotently) and its offsets wait, so a failover to
+    /// one of those replicas loses no applied update.
+    pub fn with_replica_wait(mut self, wait: Option<ReplicaWait>) -> Self {
+        self.replica_wait = wait;
         self
-    }
-
-    /// `WAIT` on the connection that wrote (see [`Store::with_replica_wait`]).
-    async fn wait_for_replicas(
-        &self,
-        conn: &mut impl redis::aio::ConnectionLike,
-    ) -> Result<(), RedisError> {
-        let Some((replicas, timeout_ms)) = self.replica_wait else {
-            return Ok(());
-        };
-        let acked: u32 = redis::cmd("WAIT")
-            .arg(replicas)
-            .arg(timeout_ms)
-            .query_async(conn)
-            .await?;
-        if acked < replicas {
-            return Err(RedisError::from((
-                ErrorKind::TryAgain,
-                "replicas did not acknowledge the write",
-                format!("{acked} of {replicas} within {timeout_ms} ms (redis.wait_replicas)"),
-            )));
-        }
-        Ok(())
     }
 
     /// This store applies every batch with `lua/commit.lua`, never with a
