@@ -189,6 +189,22 @@ type Records = Vec<(String, Vec<u8>)>;
 /// Expected (sum, count) per customer.
 type Expected = HashMap<String, (i64, i64)>;
 
+/// A namespace on `brokers` and `redis_url` with small batches (several
+/// per run, so an outage lands between them), its topics, and a stream of
+/// `n` Stripe charges over `customers` customers with their expected sums.
+fn charge_env(
+    name: &str,
+    brokers: &str,
+    redis_url: &str,
+    n: usize,
+    customers: usize,
+) -> (TestEnv, Records, Expected) {
+    let env = TestEnv::on(name, brokers, redis_url, "[processor]\nbatch_size = 100");
+    env.create_topics();
+    let (records, expected) = charge_stream(&env, n, customers);
+    (env, records, expected)
+}
+
 /// Charges for `customers` customers, `n` events; returns expected sums.
 pub fn charge_stream(env: &TestEnv, n: usize, customers: usize) -> (Records, Expected) {
     let mut records = Vec::with_capacity(n);
@@ -243,6 +259,31 @@ async fn applied(env: &TestEnv) -> f64 {
     .await
 }
 
+/// Waits until at least `n` events count as applied to customers; returns
+/// how many do.
+async fn wait_applied(env: &TestEnv, n: f64) -> f64 {
+    eventually(
+        &format!("{n} events applied"),
+        Duration::from_secs(120),
+        || async {
+            let a = applied(env).await;
+            (a >= n).then_some(a)
+        },
+    )
+    .await
+}
+
+/// Asserts that the processor retried through a failure of `dependency`.
+async fn assert_retried(env: &TestEnv, dependency: &str) {
+    let retries = metric(
+        &env.processor_url(),
+        "hooklog_processor_transient_retries_total",
+        &[dependency],
+    )
+    .await;
+    assert!(retries >= 1.0, "{dependency} retries: {retries}");
+}
+
 #[tokio::test]
 async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
     let stack = Stack::start();
@@ -256,12 +297,7 @@ async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
     )
     .await;
     let mut processor = env.processor();
-    eventually(
-        "some progress before the kill",
-        Duration::from_secs(120),
-        || async { (applied(&env).await >= 2000.0).then_some(()) },
-    )
-    .await;
+    wait_applied(&env, 2000.0).await;
     processor.kill();
     let_killed_member_expire().await;
     let _processor = env.processor();
@@ -271,21 +307,12 @@ async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
 #[tokio::test]
 async fn redis_outage_pauses_and_resumes_without_loss() {
     let mut stack = Stack::start();
-    let env = TestEnv::on(
-        "proc-redis",
-        &stack.brokers,
-        &stack.redis_url,
-        "[processor]\nbatch_size = 100",
-    );
-    env.create_topics();
-    let (records, expected) = charge_stream(&env, 5000, 20);
+    let (env, records, expected) =
+        charge_env("proc-redis", &stack.brokers, &stack.redis_url, 5000, 20);
     let mut processor = env.processor();
     let producer = kafka::producer(&env.brokers);
     kafka::produce_all(&producer, &env.topic("stripe"), &records[..2500]).await;
-    eventually("progress", Duration::from_secs(60), || async {
-        (applied(&env).await >= 500.0).then_some(())
-    })
-    .await;
+    wait_applied(&env, 500.0).await;
 
     stack.redis.as_mut().unwrap().terminate();
     kafka::produce_all(&producer, &env.topic("stripe"), &records[2500..]).await;
@@ -296,15 +323,7 @@ async fn redis_outage_pauses_and_resumes_without_loss() {
         || async { get_json(&ready).await.is_none().then_some(()) },
     )
     .await;
-    assert!(
-        metric(
-            &env.processor_url(),
-            "hooklog_processor_transient_retries_total",
-            &["redis"]
-        )
-        .await
-            >= 1.0
-    );
+    assert_retried(&env, "redis").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stack.redis.as_mut().unwrap().start();
     stack.wait_ready();
@@ -570,14 +589,7 @@ async fn a_full_redis_pauses_the_processor_until_there_is_room() {
             .query::<()>(&mut conn)
             .expect("CONFIG SET maxmemory");
     };
-    let env = TestEnv::on(
-        "proc-full",
-        &stack.brokers,
-        &url,
-        "[processor]\nbatch_size = 100",
-    );
-    env.create_topics();
-    let (records, expected) = charge_stream(&env, 1000, 10);
+    let (env, records, expected) = charge_env("proc-full", &stack.brokers, &url, 1000, 10);
     let producer = kafka::producer(&env.brokers);
 
     // Full before the processor starts: it waits.
@@ -595,36 +607,20 @@ async fn a_full_redis_pauses_the_processor_until_there_is_room() {
     let ready = format!("{}/readyz", env.processor_url());
     wait_http_ok(&ready, Duration::from_secs(30));
     kafka::produce_all(&producer, &env.topic("stripe"), &records[..500]).await;
-    eventually(
-        "the first half applied",
-        Duration::from_secs(60),
-        || async { (applied(&env).await >= 500.0).then_some(()) },
-    )
-    .await;
+    wait_applied(&env, 500.0).await;
 
     // Full mid-stream: it pauses, and applies nothing it cannot write.
     set_maxmemory("1");
     kafka::produce_all(&producer, &env.topic("stripe"), &records[500..]).await;
     reports_pause_and_still_serves(&env, &expected).await;
-    let retries = metric(
-        &env.processor_url(),
-        "hooklog_processor_transient_retries_total",
-        &["redis"],
-    )
-    .await;
-    assert!(retries >= 1.0, "retries {retries}");
+    assert_retried(&env, "redis").await;
     assert_eq!(applied(&env).await, 500.0);
 
     set_maxmemory("0");
     assert_sums(&env, &expected).await;
     // The metric follows the write by a moment; then every event counts
     // once as applied.
-    let total = eventually("every event counted", Duration::from_secs(30), || async {
-        let n = applied(&env).await;
-        (n >= 1000.0).then_some(n)
-    })
-    .await;
-    assert_eq!(total, 1000.0);
+    assert_eq!(wait_applied(&env, 1000.0).await, 1000.0);
 }
 
 /// The broker goes away mid-stream (cut behind a proxy) and comes back:
@@ -635,40 +631,20 @@ async fn a_full_redis_pauses_the_processor_until_there_is_room() {
 #[tokio::test]
 async fn broker_outage_pauses_and_resumes_without_loss() {
     let (stack, proxy) = Stack::start_behind_proxy();
-    let env = TestEnv::on(
-        "proc-broker",
-        &stack.brokers,
-        &stack.redis_url,
-        "[processor]\nbatch_size = 100",
-    );
-    env.create_topics();
-    let (records, expected) = charge_stream(&env, 4000, 20);
+    let (env, records, expected) =
+        charge_env("proc-broker", &stack.brokers, &stack.redis_url, 4000, 20);
     let producer = kafka::producer(&env.brokers);
     kafka::produce_all(&producer, &env.topic("stripe"), &records).await;
     let _processor = env.processor();
-    eventually("progress", Duration::from_secs(60), || async {
-        (applied(&env).await >= 400.0).then_some(())
-    })
-    .await;
+    wait_applied(&env, 400.0).await;
 
     proxy.down();
     reports_pause_and_still_serves(&env, &expected).await;
-    let retries = metric(
-        &env.processor_url(),
-        "hooklog_processor_transient_retries_total",
-        &["kafka"],
-    )
-    .await;
-    assert!(retries >= 1.0, "retries {retries}");
+    assert_retried(&env, "kafka").await;
     proxy.up();
 
     assert_sums(&env, &expected).await;
-    let total = eventually("every event counted", Duration::from_secs(60), || async {
-        let n = applied(&env).await;
-        (n >= 4000.0).then_some(n)
-    })
-    .await;
-    assert_eq!(total, 4000.0);
+    assert_eq!(wait_applied(&env, 4000.0).await, 4000.0);
     // The changelog follows the apply: wait for each customer's last record
     // to count every charge, then compare it whole.
     let last = eventually(
@@ -730,14 +706,7 @@ async fn waits_for_a_replica_when_asked() {
     let (_primary, url) = private_redis("redis-primary", &[]);
     let mut replica = private_replica("redis-replica", &url);
 
-    let env = TestEnv::on(
-        "proc-wait",
-        &stack.brokers,
-        &url,
-        "[processor]\nbatch_size = 100",
-    );
-    env.create_topics();
-    let (records, expected) = charge_stream(&env, 1000, 10);
+    let (env, records, expected) = charge_env("proc-wait", &stack.brokers, &url, 1000, 10);
     let producer = kafka::producer(&env.brokers);
     let mut processor = env.processor_service();
     processor.env("HOOKLOG_REDIS__WAIT_REPLICAS", "1");
@@ -748,12 +717,7 @@ async fn waits_for_a_replica_when_asked() {
         Duration::from_secs(30),
     );
     kafka::produce_all(&producer, &env.topic("stripe"), &records[..500]).await;
-    eventually(
-        "the first half applied",
-        Duration::from_secs(60),
-        || async { (applied(&env).await >= 500.0).then_some(()) },
-    )
-    .await;
+    wait_applied(&env, 500.0).await;
 
     replica.kill();
     kafka::produce_all(&producer, &env.topic("stripe"), &records[500..]).await;
