@@ -16,6 +16,7 @@ test: ## Install what is missing, lint, then run unit and end-to-end tests
 	TEST_THREADS=$(TEST_THREADS) CARGO=$(CARGO) deploy/local/test.sh
 
 test-scale: ## Only the 3 x 3 replica test with kill -9 and SIGTERM (also part of make test)
+	deploy/local/install.sh
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p hooklog-e2e --test e2e scale -- --ignored --test-threads=1
 
@@ -33,7 +34,8 @@ lint: ## cargo fmt --check, clippy -D warnings, rustdoc -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items -q
 	deploy/local/lint-deploy.sh
 
-build: ## Release build of both binaries
+build: ## Release build of both binaries (installs OpenSSL's headers when missing)
+	deploy/local/install.sh build
 	$(CARGO) build --release --bins
 
 dev-up: ## Start only Redis + Tansu (and create the example topics)

@@ -109,3 +109,32 @@ impl ResettableProducer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Managed Kafka (MSK, Confluent Cloud, Redpanda Cloud, Aiven) speaks
+    /// TLS, most with SASL PLAIN or SCRAM: the librdkafka linked here must
+    /// have them, or `security.protocol` is refused at start.
+    #[test]
+    fn librdkafka_speaks_tls_and_sasl() {
+        let native = ClientConfig::new().create_native_config().unwrap();
+        let features = native.get("builtin.features").unwrap();
+        for f in ["ssl", "sasl_plain", "sasl_scram", "sasl_oauthbearer"] {
+            assert!(
+                features.split(',').any(|x| x == f),
+                "{f} missing: {features}"
+            );
+        }
+        let mut cfg = KafkaConfig::default();
+        cfg.properties
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        cfg.properties
+            .insert("sasl.mechanism".into(), "SCRAM-SHA-512".into());
+        cfg.properties.insert("sasl.username".into(), "u".into());
+        cfg.properties.insert("sasl.password".into(), "p".into());
+        let producer: Result<FutureProducer, _> = cfg.finish(cfg.base()).create();
+        assert!(producer.is_ok(), "{:?}", producer.err());
+    }
+}

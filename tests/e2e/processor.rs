@@ -729,3 +729,34 @@ async fn waits_for_a_replica_when_asked() {
     replica.start();
     assert_sums(&env, &expected).await;
 }
+
+/// Ingest and the processor reach the broker over TLS only (a
+/// TLS-terminating proxy in front of Tansu, trusted through
+/// `kafka.properties`): the seed's signed `order.shipped` is acknowledged
+/// and projected.
+#[tokio::test]
+async fn kafka_over_tls_from_webhook_to_projection() {
+    let (stack, _proxy, ca) = Stack::start_behind_tls_proxy();
+    let tls = format!(
+        "[kafka.properties]\n\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"{}\"\n",
+        ca.display()
+    );
+    let env = TestEnv::on("tls", &stack.brokers, &stack.redis_url, &tls);
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _processor = env.processor();
+    let receipt = send(
+        &env,
+        "fulfillment",
+        "hmac-sha256",
+        events::SEED_ORDER_SHIPPED,
+        "",
+    )
+    .await;
+    assert_eq!(receipt["topic"], env.topic("fulfillment"), "{receipt}");
+    let order = wait_state(&env, "orders", "ORD-633261", |s| {
+        s["state"]["status"] == "shipped"
+    })
+    .await;
+    assert_eq!(order["last_event_id"], receipt["event_id"]);
+}

@@ -367,6 +367,49 @@ impl Stack {
         (stack, p)
     }
 
+    /// A dedicated stack whose broker speaks only TLS to its clients: a
+    /// TLS-terminating proxy at the address Tansu advertises, with a
+    /// certificate for 127.0.0.1 made here (`openssl`). Returns the stack,
+    /// the proxy, and the certificate, which clients trust as their CA.
+    pub fn start_behind_tls_proxy() -> (Self, proxy::Proxy, PathBuf) {
+        let advertised = free_port();
+        let mut stack = Self::start_with(free_port(), advertised);
+        let plain = stack
+            .brokers
+            .replace(&advertised.to_string(), &stack.tansu_port.to_string());
+        let dir = run_dir().join(unique("tls-"));
+        std::fs::create_dir_all(&dir).expect("tls dir");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is missing: run deploy/local/install.sh");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let p =
+            proxy::Proxy::start_tls(advertised, plain.clone(), proxy::tls_acceptor(&cert, &key));
+        // The harness's own readiness checks speak plaintext to Tansu.
+        let tls_brokers = std::mem::replace(&mut stack.brokers, plain);
+        stack.wait_ready();
+        stack.index_tansu_headers();
+        stack.brokers = tls_brokers;
+        (stack, p, cert)
+    }
+
     fn start_with(kport: u16, advertised: u16) -> Self {
         let rport = free_port();
         let url = format!("tcp://127.0.0.1:{kport}");
@@ -934,8 +977,11 @@ fn merge_extra(mut text: String, extra: &str) -> String {
                 .filter(|l| !l.starts_with(&key))
                 .map(|l| format!("{l}\n"))
                 .collect();
-            let at = text.find(&format!("{table}\n")).expect("known table") + table.len() + 1;
-            text.insert_str(at, &format!("{line}\n"));
+            match text.find(&format!("{table}\n")) {
+                Some(at) => text.insert_str(at + table.len() + 1, &format!("{line}\n")),
+                // A table the template lacks, e.g. [kafka.properties].
+                None => text.push_str(&format!("\n{table}\n{line}\n")),
+            }
         }
     }
     text
