@@ -154,6 +154,7 @@ pub struct EventIdConfig {
 
 impl ConfigFile for Config {
     fn validate(&self) -> Result<(), ConfigError> {
+        self.kafka.validate()?;
         let mut names = HashSet::new();
         self.server
             .listen

@@ -272,6 +272,7 @@ pub struct SourceRef {
 
 impl ConfigFile for Config {
     fn validate(&self) -> Result<(), ConfigError> {
+        self.kafka.validate()?;
         if self.processor.batch_size == 0 {
             return Err(ConfigError("processor.batch_size must be > 0".into()));
         }

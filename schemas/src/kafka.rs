@@ -19,10 +19,23 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// Any librdkafka property, passed through unchanged (e.g.
     /// `"security.protocol" = "SASL_SSL"`). Applied last, so it overrides
-    /// Hooklog's own settings.
+    /// Hooklog's own settings. The credentials in [`SECRET_PROPERTIES`]
+    /// are references (`env:NAME`, `file:PATH`), resolved when a client is
+    /// made.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
 }
+
+/// librdkafka properties that hold credentials: in `hooklog.toml` they
+/// must be references, like every other secret, so that the file (a
+/// ConfigMap) holds none.
+pub const SECRET_PROPERTIES: &[&str] = &[
+    "sasl.password",
+    "sasl.oauthbearer.client.secret",
+    "ssl.key.password",
+    "ssl.keystore.password",
+    "ssl.key.pem",
+];
 
 fn default_brokers() -> String {
     "127.0.0.1:9092".into()
@@ -46,12 +59,30 @@ impl KafkaConfig {
         cfg
     }
 
-    /// Applies the user's pass-through properties on top of `cfg`.
+    /// Applies the user's pass-through properties on top of `cfg`, with
+    /// the credentials' references resolved ([`KafkaConfig::validate`]
+    /// checked them at start).
     pub fn finish(&self, mut cfg: ClientConfig) -> ClientConfig {
         for (k, v) in &self.properties {
-            cfg.set(k, v);
+            match SECRET_PROPERTIES.contains(&k.as_str()) {
+                true => cfg.set(k, crate::secret_ref::resolve(v).unwrap_or_default()),
+                false => cfg.set(k, v),
+            };
         }
         cfg
+    }
+
+    /// Checks that every credential in `properties` is a reference that
+    /// resolves. Errors name the property, never its value.
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        for (k, v) in &self.properties {
+            if SECRET_PROPERTIES.contains(&k.as_str()) {
+                crate::secret_ref::resolve(v).map_err(|why| {
+                    crate::config::ConfigError(format!("kafka.properties.\"{k}\": {why}"))
+                })?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -132,9 +163,36 @@ mod tests {
             .insert("security.protocol".into(), "SASL_SSL".into());
         cfg.properties
             .insert("sasl.mechanism".into(), "SCRAM-SHA-512".into());
+        std::env::set_var("HOOKLOG_KAFKA_UNIT_SCRAM", "p");
         cfg.properties.insert("sasl.username".into(), "u".into());
-        cfg.properties.insert("sasl.password".into(), "p".into());
+        cfg.properties.insert(
+            "sasl.password".into(),
+            "env:HOOKLOG_KAFKA_UNIT_SCRAM".into(),
+        );
+        cfg.validate().unwrap();
         let producer: Result<FutureProducer, _> = cfg.finish(cfg.base()).create();
         assert!(producer.is_ok(), "{:?}", producer.err());
+    }
+
+    #[test]
+    fn credentials_are_references_resolved_when_a_client_is_made() {
+        let mut cfg = KafkaConfig::default();
+        cfg.properties
+            .insert("sasl.username".into(), "plain-is-fine".into());
+        cfg.properties
+            .insert("sasl.password".into(), "hunter2-inline".into());
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("sasl.password"), "{err}");
+        assert!(!err.contains("hunter2"), "the value is never echoed: {err}");
+
+        std::env::set_var("HOOKLOG_KAFKA_UNIT_PASSWORD", "s3cret\n");
+        cfg.properties.insert(
+            "sasl.password".into(),
+            "env:HOOKLOG_KAFKA_UNIT_PASSWORD".into(),
+        );
+        cfg.validate().unwrap();
+        let client = cfg.finish(cfg.base());
+        assert_eq!(client.get("sasl.password"), Some("s3cret"));
+        assert_eq!(client.get("sasl.username"), Some("plain-is-fine"));
     }
 }
