@@ -121,6 +121,10 @@ pub struct RedisConfig {
     /// failed and is retried (the processor pauses meanwhile).
     #[serde(default = "default_wait_timeout_ms")]
     pub wait_timeout_ms: u64,
+    /// For a `rediss://` URL whose server certificate is not signed by a
+    /// CA the system trusts: the PEM file of the CA that signed it.
+    #[serde(default)]
+    pub tls_ca_file: Option<String>,
 }
 
 fn default_redis_url() -> String {
@@ -144,6 +148,7 @@ impl Default for RedisConfig {
             watched_commits: default_watched_commits(),
             wait_replicas: 0,
             wait_timeout_ms: default_wait_timeout_ms(),
+            tls_ca_file: None,
         }
     }
 }
@@ -276,6 +281,18 @@ impl ConfigFile for Config {
         if self.processor.batch_size == 0 {
             return Err(ConfigError("processor.batch_size must be > 0".into()));
         }
+        if let Some(ca) = &self.redis.tls_ca_file {
+            if !self.redis.url.starts_with("rediss://") {
+                return Err(ConfigError(
+                    "redis.tls_ca_file is set but redis.url is not rediss://".into(),
+                ));
+            }
+            if !std::path::Path::new(ca).is_file() {
+                return Err(ConfigError(format!(
+                    "redis.tls_ca_file: {ca} is not a readable file"
+                )));
+            }
+        }
         if self.redis.wait_replicas > 0 && self.redis.wait_timeout_ms == 0 {
             return Err(ConfigError(
                 "redis.wait_timeout_ms must be > 0 when redis.wait_replicas is set (0 would wait forever)".into(),
@@ -357,6 +374,22 @@ mod tests {
         assert!(cfg.redis.watched_commits);
         let cfg = Config::from_toml("[redis]\nwatched_commits = false").unwrap();
         assert!(!cfg.redis.watched_commits);
+    }
+
+    #[test]
+    fn a_tls_ca_file_needs_a_tls_url_and_a_file() {
+        let err = Config::from_toml("[redis]\ntls_ca_file = \"/etc/hostname\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not rediss://"), "{err}");
+        let err = Config::from_toml(
+            "[redis]\nurl = \"rediss://r:6380/\"\ntls_ca_file = \"/nonexistent/ca.pem\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not a readable file"), "{err}");
+        let cfg = Config::from_toml("[redis]\nurl = \"rediss://r:6380/\"").unwrap();
+        assert_eq!(cfg.redis.tls_ca_file, None);
     }
 
     #[test]

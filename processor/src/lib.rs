@@ -45,6 +45,28 @@ use crate::metrics::Metrics;
 use crate::projection::store::{Store, RECOMMENDED_LISTPACK_VALUE};
 use crate::replicas::ReplicaWait;
 
+/// A Redis client for `[redis]`: `redis://` in the clear, `rediss://` over
+/// TLS, verified against the system's CAs or `tls_ca_file`.
+pub fn redis_client(redis: &config::RedisConfig) -> Result<redis::Client, redis::RedisError> {
+    let Some(ca) = &redis.tls_ca_file else {
+        return redis::Client::open(redis.url.as_str());
+    };
+    let root_cert = std::fs::read(ca).map_err(|e| {
+        redis::RedisError::from((
+            redis::ErrorKind::IoError,
+            "cannot read redis.tls_ca_file",
+            e.to_string(),
+        ))
+    })?;
+    redis::Client::build_with_tls(
+        redis.url.as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        },
+    )
+}
+
 /// Why the projection store could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenStoreError {
@@ -60,8 +82,8 @@ pub enum OpenStoreError {
 /// Connects the projection store as configured and checks that Redis has
 /// the commands it needs.
 pub async fn open_store(config: &Config) -> Result<Store, OpenStoreError> {
-    let store = Store::connect(
-        &config.redis.url,
+    let store = Store::connect_client(
+        redis_client(&config.redis)?,
         &config.redis.key_prefix,
         config.processor.dedup_window_secs,
     )

@@ -760,3 +760,34 @@ async fn kafka_over_tls_from_webhook_to_projection() {
     .await;
     assert_eq!(order["last_event_id"], receipt["event_id"]);
 }
+
+/// The processor reaches Redis over TLS only (`rediss://`, trusting the
+/// test's own CA through `redis.tls_ca_file`): the seed's order is applied
+/// and read back.
+#[tokio::test]
+async fn redis_over_tls() {
+    let stack = shared_stack();
+    let (_redis, url, ca) = hooklog_e2e::private_tls_redis("redis-tls");
+    let env = TestEnv::on(
+        "redis-tls",
+        &stack.brokers,
+        &url,
+        &format!("[redis]\ntls_ca_file = \"{}\"", ca.display()),
+    );
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _processor = env.processor();
+    let receipt = send(
+        &env,
+        "fulfillment",
+        "hmac-sha256",
+        events::SEED_ORDER_SHIPPED,
+        "",
+    )
+    .await;
+    let order = wait_state(&env, "orders", "ORD-633261", |s| {
+        s["state"]["status"] == "shipped"
+    })
+    .await;
+    assert_eq!(order["last_event_id"], receipt["event_id"]);
+}

@@ -369,37 +369,15 @@ impl Stack {
 
     /// A dedicated stack whose broker speaks only TLS to its clients: a
     /// TLS-terminating proxy at the address Tansu advertises, with a
-    /// certificate for 127.0.0.1 made here (`openssl`). Returns the stack,
-    /// the proxy, and the certificate, which clients trust as their CA.
+    /// certificate for 127.0.0.1 made here ([`test_certificate`]). Returns
+    /// the stack, the proxy, and the CA clients must trust.
     pub fn start_behind_tls_proxy() -> (Self, proxy::Proxy, PathBuf) {
         let advertised = free_port();
         let mut stack = Self::start_with(free_port(), advertised);
         let plain = stack
             .brokers
             .replace(&advertised.to_string(), &stack.tansu_port.to_string());
-        let dir = run_dir().join(unique("tls-"));
-        std::fs::create_dir_all(&dir).expect("tls dir");
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let made = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-            .args([
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl is missing: run deploy/local/install.sh");
-        assert!(
-            made.status.success(),
-            "{}",
-            String::from_utf8_lossy(&made.stderr)
-        );
+        let (ca, cert, key) = test_certificate();
         let p =
             proxy::Proxy::start_tls(advertised, plain.clone(), proxy::tls_acceptor(&cert, &key));
         // The harness's own readiness checks speak plaintext to Tansu.
@@ -407,7 +385,7 @@ impl Stack {
         stack.wait_ready();
         stack.index_tansu_headers();
         stack.brokers = tls_brokers;
-        (stack, p, cert)
+        (stack, p, ca)
     }
 
     fn start_with(kport: u16, advertised: u16) -> Self {
@@ -605,6 +583,113 @@ pub fn private_replica(name: &str, primary_url: &str) -> Service {
         assert!(Instant::now() < deadline, "{name} never synced");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A certificate for 127.0.0.1, its key, and the CA that signed it (PEM
+/// files made with `openssl`, valid for a day): servers use the first two,
+/// clients trust the CA. Returns (CA, certificate, key).
+pub fn test_certificate() -> (PathBuf, PathBuf, PathBuf) {
+    let dir = run_dir().join(unique("tls-"));
+    std::fs::create_dir_all(&dir).expect("tls dir");
+    let file = |name: &str| dir.join(name).display().to_string();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl is missing: run deploy/local/install.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let (ca, ca_key) = (file("ca.pem"), file("ca-key.pem"));
+    let (cert, key, csr) = (file("cert.pem"), file("key.pem"), file("cert.csr"));
+    openssl(
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &["-days", "1", "-subj", "/CN=hooklog test CA"],
+            &["-keyout", &ca_key, "-out", &ca],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"],
+            &ec[..],
+            &["-subj", "/CN=127.0.0.1", "-keyout", &key, "-out", &csr],
+        ]
+        .concat(),
+    );
+    let ext = file("ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &ext,
+        "-out",
+        &cert,
+    ]);
+    (ca.into(), cert.into(), key.into())
+}
+
+/// A Redis of one test's own that speaks only TLS (with
+/// [`test_certificate`]); returns it, its `rediss://` URL and the CA to
+/// trust.
+pub fn private_tls_redis(name: &str) -> (Service, String, PathBuf) {
+    let (ca, cert, key) = test_certificate();
+    let port = free_port().to_string();
+    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let ca_s = ca.display().to_string();
+    let mut redis = Service::new(
+        name,
+        "redis-server",
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-cert-file",
+            &cert_s,
+            "--tls-key-file",
+            &key_s,
+            "--tls-ca-cert-file",
+            &ca_s,
+            "--tls-auth-clients",
+            "no",
+        ],
+        &[],
+    );
+    redis.start();
+    (redis, format!("rediss://127.0.0.1:{port}/"), ca)
 }
 
 /// The index Tansu 0.6's sqlite schema lacks (shared with `stack.sh`).

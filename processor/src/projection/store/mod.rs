@@ -262,7 +262,16 @@ impl Store {
     /// `window_secs` is how long an applied event id is remembered
     /// (`dedup_window_secs`).
     pub async fn connect(url: &str, prefix: &str, window_secs: u64) -> Result<Self, RedisError> {
-        let client = redis::Client::open(url)?;
+        Self::connect_client(redis::Client::open(url)?, prefix, window_secs).await
+    }
+
+    /// [`Store::connect`] with a client made elsewhere (TLS with a CA of
+    /// one's own: see `crate::redis_client`).
+    pub async fn connect_client(
+        client: redis::Client,
+        prefix: &str,
+        window_secs: u64,
+    ) -> Result<Self, RedisError> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Duration::from_secs(2))
             .set_response_timeout(Duration::from_secs(10))
