@@ -1,5 +1,9 @@
 # Both Hooklog binaries in one slim image. Build: docker build -t hooklog .
 FROM rust:1-bookworm AS build
+# The Kafka client's TLS links OpenSSL.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libssl-dev pkg-config \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bins \
