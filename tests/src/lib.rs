@@ -528,19 +528,9 @@ impl Stack {
 /// URL.
 pub fn private_redis(name: &str, extra: &[&str]) -> (Service, String) {
     let port = free_port().to_string();
-    let mut args = vec![
-        "--port",
-        &port,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ];
+    let mut args = vec!["--port", &port];
     args.extend_from_slice(extra);
-    let mut redis = Service::new(name, "redis-server", &args, &[]);
-    redis.start();
+    let redis = start_redis(name, &args);
     let url = format!("redis://127.0.0.1:{port}/");
     let client = redis::Client::open(url.as_str()).expect("url");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -661,22 +651,14 @@ pub fn test_certificate() -> (PathBuf, PathBuf, PathBuf) {
 pub fn private_tls_redis(name: &str) -> (Service, String, PathBuf) {
     let (ca, cert, key) = test_certificate();
     let port = free_port().to_string();
-    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
-    let ca_s = ca.display().to_string();
-    let mut redis = Service::new(
+    let [ca_s, cert_s, key_s] = [&ca, &cert, &key].map(|p| p.display().to_string());
+    let redis = start_redis(
         name,
-        "redis-server",
         &[
             "--port",
             "0",
             "--tls-port",
             &port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
             "--tls-cert-file",
             &cert_s,
             "--tls-key-file",
@@ -686,10 +668,17 @@ pub fn private_tls_redis(name: &str) -> (Service, String, PathBuf) {
             "--tls-auth-clients",
             "no",
         ],
-        &[],
     );
-    redis.start();
     (redis, format!("rediss://127.0.0.1:{port}/"), ca)
+}
+
+/// Starts a loopback redis-server without persistence, with `args`.
+fn start_redis(name: &str, args: &[&str]) -> Service {
+    let mut all = vec!["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    all.extend_from_slice(args);
+    let mut redis = Service::new(name, "redis-server", &all, &[]);
+    redis.start();
+    redis
 }
 
 /// The index Tansu 0.6's sqlite schema lacks (shared with `stack.sh`).
