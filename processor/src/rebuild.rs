@@ -185,6 +185,10 @@ pub async fn run(
             // and the partial version's memory is freed (deletes are
             // allowed on a full Redis).
             warn!(projection = name, version, error = %e, "Rebuild failed; removing its partial version.");
+            // The replay's batches were aborted; one already sent to Redis
+            // on its own connection lands within moments: let it, so the
+            // clean-up's scan sees its keys.
+            tokio::time::sleep(Duration::from_millis(500)).await;
             let cleanup = async {
                 let _: () = conn.del(store.building_key(name)).await?;
                 delete_version(store, name, version).await
