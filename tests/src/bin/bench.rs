@@ -9,6 +9,11 @@
 //! `BENCH_BATCH=N`: the processor's `batch_size` for its measured run
 //! (default 10,000: a catch-up's setting; see `bench/limits.md`);
 //! `BENCH_NO_WRITE=1`: print, write no file (`bench/profile.sh`).
+//! `BENCH_COMPARE=a,b`: ingest and the processor of the builds in
+//! `target/a/` and `target/b/` taking turns (`BENCH_TURNS`, default 3) on
+//! the same load, each in a namespace of its own (`BENCH_ONLY=ingest` or
+//! `processor` for one of them); prints each turn and writes no file: how
+//! `bench/limits.md` measures a change side by side.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -573,6 +578,11 @@ async fn main() {
         1_000_000
     });
     let batch_size = records_from_env("BENCH_BATCH").unwrap_or(10_000);
+    if let Ok(builds) = std::env::var("BENCH_COMPARE") {
+        let turns = records_from_env("BENCH_TURNS").unwrap_or(3);
+        let builds: Vec<&str> = builds.split(',').collect();
+        return compare(&builds, turns, records, batch_size).await;
+    }
     let started_at = chrono_like_now();
     let stack = Stack::start();
     let env = TestEnv::on(
@@ -957,6 +967,120 @@ async fn main() {
 
 /// The versions behind the figures: the kernel, Redis, Hooklog's librdkafka,
 /// and the seed-style receiver's Python stack (from its venv, when it ran).
+/// `BENCH_COMPARE`: the processor builds in `target/<build>/` take turns on
+/// the same preloaded records; prints events/s and the processor's and
+/// Redis's CPU per event for each turn, then each build's average.
+async fn compare(builds: &[&str], turns: usize, records: usize, batch_size: usize) {
+    let stack = Stack::start();
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only != "processor" {
+        let mut ingests = Vec::new();
+        for (b, build) in builds.iter().enumerate() {
+            std::env::set_var("HOOKLOG_BIN_PROFILE", build);
+            let env = TestEnv::on(
+                &format!("cmpi-{b}"),
+                &stack.brokers,
+                &stack.redis_url,
+                "[processor]\npartitions = 6",
+            )
+            .with_log("info");
+            env.create_topics();
+            let server = env.ingest();
+            ingests.push((env, server));
+        }
+        let targets: Vec<Target> = ingests
+            .iter()
+            .map(|(env, server)| Target {
+                url: format!("{}/webhooks/fulfillment", env.ingest_url()),
+                server,
+                with_children: false,
+            })
+            .collect();
+        let measured = side_by_side(
+            &targets,
+            stack.tansu.as_ref(),
+            turns,
+            Duration::from_secs(7),
+            u64::MAX,
+            Duration::from_secs(1),
+        )
+        .await;
+        for (build, m) in builds.iter().zip(measured) {
+            let turns: Vec<String> = m
+                .load
+                .rounds_rps
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect();
+            println!(
+                "ingest {build}: {:.0} req/s ({}), p99 {:.2} ms, non-2xx {}; CPU per request: ingest {:.1} µs, Tansu {:.1} µs",
+                m.load.rps,
+                turns.join(" / "),
+                m.load.p99_ms,
+                m.load.non_2xx,
+                m.cpu_us.server,
+                m.cpu_us.broker
+            );
+        }
+    }
+    if only == "ingest" {
+        return;
+    }
+    let producer = kafka::producer(&stack.brokers);
+    let preload = Preload::new(records, "c");
+    let mut totals = vec![(0.0, 0.0, 0.0); builds.len()];
+    for turn in 0..turns {
+        for (b, build) in builds.iter().enumerate() {
+            std::env::set_var("HOOKLOG_BIN_PROFILE", build);
+            let env = TestEnv::on(
+                &format!("cmp-{turn}-{b}"),
+                &stack.brokers,
+                &stack.redis_url,
+                &format!("[processor]\npartitions = 6\nbatch_size = {batch_size}"),
+            )
+            .with_log("info");
+            env.create_topics();
+            preload.produce(&producer, &env).await;
+            let redis_before = redis_cpu(&stack.redis_url).await;
+            let processor = env.processor();
+            let secs = preload
+                .wait_applied(&env.processor_url(), Duration::from_secs(1800))
+                .await
+                .as_secs_f64();
+            let cpu = processor.cpu_secs().unwrap_or(f64::NAN);
+            let redis = redis_cpu(&stack.redis_url).await.0 - redis_before.0;
+            drop(processor);
+            // Each turn starts on an empty Redis (its cost grows with the keys).
+            let client = redis::Client::open(stack.redis_url.as_str()).expect("redis url");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("redis");
+            let _: () = redis::cmd("FLUSHALL")
+                .query_async(&mut conn)
+                .await
+                .expect("FLUSHALL");
+            let (rate, us, redis_us) = (
+                records as f64 / secs,
+                1e6 * cpu / records as f64,
+                1e6 * redis / records as f64,
+            );
+            println!("turn {turn} {build}: {rate:.0} events/s, CPU per event: processor {us:.1} µs, Redis {redis_us:.1} µs");
+            let t = &mut totals[b];
+            (t.0, t.1, t.2) = (t.0 + rate, t.1 + us, t.2 + redis_us);
+        }
+    }
+    for (build, (rate, us, redis_us)) in builds.iter().zip(totals) {
+        let n = turns as f64;
+        println!(
+            "{build}: on average {:.0} events/s, processor {:.1} µs and Redis {:.1} µs per event",
+            rate / n,
+            us / n,
+            redis_us / n
+        );
+    }
+}
+
 async fn versions(redis_url: &str) -> String {
     let output = |program: &str, args: &[&str]| {
         std::process::Command::new(program)
