@@ -7,7 +7,8 @@
 -- ARGV[1] = current version pointer key (absent = version 1)
 -- ARGV[2] = building version pointer key
 -- ARGV[3] = "1": live apply, check the pointers; "": a rebuild's own version
--- ARGV[4] = current version as read; ARGV[5] = building version as read or ""
+-- ARGV[4] = current version as read (a rebuild: its own version);
+--   ARGV[5] = building version as read or ""
 -- ARGV[6] = the projection's write counter; ARGV[7] = this writer's own
 --   write counter (see `WriteCounts` in src/projection/store/mod.rs)
 -- ARGV[8] = number of marker sets S (one per version written), then S
@@ -16,9 +17,10 @@
 -- then groups, each: entity hash key, expected `~rev` ("0" = absent), marker
 --   set number (1..S), the entity's write stripe, marker count, the event
 --   ids, field count, then field, value pairs (the new `~rev` among them)
--- Returns -1 when a rebuild switched versions since the read (nothing
--- written), else one flag per group: 0 written, 1 changed meanwhile (not
--- written; the processor re-reads and folds it again).
+-- Returns -1 when a rebuild switched versions since the read, or, for a
+-- rebuild's own writes, when its version is no longer the one being built
+-- (nothing written), else one flag per group: 0 written, 1 changed
+-- meanwhile (not written; the processor re-reads and folds it again).
 --
 -- Keys are built by the processor from the pointers it read, and checked
 -- here against the pointers in the same atomic step, so a rebuild's switch
@@ -33,6 +35,11 @@ if ARGV[3] == '1' then
   if current ~= ARGV[4] or building ~= ARGV[5] then
     return -1
   end
+elseif redis.call('GET', ARGV[2]) ~= ARGV[4] then
+  -- A rebuild writes its version only while that version is the one being
+  -- built: a write still on its way when a failed rebuild removed its
+  -- partial version lands nowhere.
+  return -1
 end
 
 -- Both counters move with every call that may write, in the same atomic

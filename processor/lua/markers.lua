@@ -10,6 +10,9 @@
 
 local bucket, index = ARGV[1], ARGV[2]
 local now, expiry = tonumber(ARGV[3]), tonumber(ARGV[4])
+-- No bucket: commit.lua wrote no marker (e.g. it refused a write into a
+-- version being removed); index nothing.
+if redis.call('EXISTS', bucket) == 0 then return 0 end
 local function expire_at_least(key)
   if redis.call('TTL', key) < expiry - now then
     redis.call('EXPIREAT', key, expiry)

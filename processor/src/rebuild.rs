@@ -29,7 +29,7 @@ use crate::batch::{plan, Record};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::projection::spec::ProjectionSpec;
-use crate::projection::store::{Store, Target};
+use crate::projection::store::{Store, Target, NOT_BUILDING};
 use crate::spans::{BatchSpans, Phase};
 
 /// What the caller wants once the replay caught up.
@@ -171,7 +171,7 @@ pub async fn run(
                 }
                 Mode::Verify => {
                     let cmp = compare(store, name, previous, version).await;
-                    let _: () = conn.del(store.building_key(name)).await?;
+                    stop_building(store, name, version).await?;
                     delete_version(store, name, version).await?;
                     cmp.map(|(compared, diffs)| {
                         report.compared = compared;
@@ -185,12 +185,13 @@ pub async fn run(
             // and the partial version's memory is freed (deletes are
             // allowed on a full Redis).
             warn!(projection = name, version, error = %e, "Rebuild failed; removing its partial version.");
-            // The replay's batches were aborted; one already sent to Redis
-            // on its own connection lands within moments: let it, so the
-            // clean-up's scan sees its keys.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // The replay's batches were aborted, but one already sent to
+            // Redis may still land. Once `building` no longer names the
+            // version, Redis refuses every write into it (the apply checks
+            // the pointer atomically with its write), so the scan below
+            // finds every key the version will ever have.
             let cleanup = async {
-                let _: () = conn.del(store.building_key(name)).await?;
+                stop_building(store, name, version).await?;
                 delete_version(store, name, version).await
             };
             match cleanup.await {
@@ -206,6 +207,22 @@ pub async fn run(
     lock_refresh.abort();
     let _: Result<(), _> = conn.del(&lock_key).await;
     outcome.map(|_| report)
+}
+
+/// Removes the `building` pointer of `projection` if it still names
+/// `version` (an operator may have cleared it, or another rebuild taken
+/// over): from then on live applies stop dual-writing into `version`, and
+/// Redis refuses any write into it.
+async fn stop_building(store: &Store, projection: &str, version: u64) -> anyhow::Result<()> {
+    let script = redis::Script::new(
+        "if redis.call('GET', ARGV[1]) == ARGV[2] then redis.call('DEL', ARGV[1]) end return 0",
+    );
+    let _: i64 = script
+        .arg(store.building_key(projection))
+        .arg(version)
+        .invoke_async(&mut store.connection())
+        .await?;
+    Ok(())
 }
 
 /// Calls `each` with every batch of keys matching `pattern`, using SCAN
@@ -563,6 +580,12 @@ async fn apply_replayed(
     while let Err(e) = store.apply_batch(&refs, Target::Version(version)).await {
         if e.code() == Some("OOM") {
             return Err(RedisFull.into());
+        }
+        if e.code() == Some(NOT_BUILDING) {
+            anyhow::bail!(
+                "{} (its `building` pointer was removed or changed while it ran); stopping",
+                e.detail().unwrap_or(NOT_BUILDING)
+            );
         }
         warn!(error = %e, "Redis failed during rebuild; retrying.");
         tokio::time::sleep(backoff).await;

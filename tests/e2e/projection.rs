@@ -9,6 +9,7 @@ use hooklog_processor::projection::spec::{ProjectionSpec, Update};
 use hooklog_processor::projection::store::{stripe_of, Applied, Store, Target};
 use hooklog_schemas::WebhookEvent;
 use proptest::prelude::*;
+use redis::AsyncCommands;
 
 const SPEC: &str = r#"
 name = "orders"
@@ -471,4 +472,155 @@ fn order_event(id: usize, body: &serde_json::Value) -> WebhookEvent {
         "order.updated",
         &body.to_string(),
     )
+}
+
+/// A rebuild writes into its version only while `building` names it. Once
+/// the pointer is removed (a failed rebuild's clean-up, an operator) or
+/// names another version, an apply into the version fails with
+/// NOTBUILDING and writes nothing, on the watched path and the script's
+/// alike; after the clean-up deleted the version, such an apply leaves no
+/// key of it behind.
+#[tokio::test]
+async fn a_rebuild_writes_into_its_version_only_while_it_is_being_built() {
+    let url = shared_stack().redis_url.clone();
+    let spec = spec_with_status(1);
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for scripted in [false, true] {
+        let prefix = unique("e2e:fence:");
+        let mut store = Store::connect(&url, &prefix, 600).await.unwrap();
+        if scripted {
+            store = store.scripted_only();
+        }
+        let building = store.building_key("orders");
+        let apply = |order: &str, id: usize| {
+            let updates = order_updates(&spec, order, id..id + 1);
+            let store = &store;
+            async move {
+                let refs: Vec<_> = updates.iter().map(|(u, id)| (u, id.as_str())).collect();
+                store.apply_batch(&refs, Target::Version(2)).await
+            }
+        };
+        let exists = |order: &'static str| {
+            let store = &store;
+            async move { store.read_in_version("orders", &[order], 2).await.unwrap()[0].is_some() }
+        };
+        let _: () = redis.set(&building, 2).await.unwrap();
+        let ok = apply("ORD-F1", 1).await.unwrap();
+        assert!(ok[0].applied, "scripted={scripted}");
+        assert!(exists("ORD-F1").await);
+
+        for pointer in [None, Some(3)] {
+            let _: () = match pointer {
+                None => redis.del(&building).await.unwrap(),
+                Some(v) => redis.set(&building, v).await.unwrap(),
+            };
+            let refused = apply("ORD-F2", 2).await.unwrap_err();
+            assert_eq!(
+                refused.code(),
+                Some(hooklog_processor::projection::store::NOT_BUILDING),
+                "scripted={scripted}, building={pointer:?}: {refused}"
+            );
+            assert!(!exists("ORD-F2").await, "scripted={scripted}");
+        }
+
+        let _: () = redis.del(&building).await.unwrap();
+        hooklog_processor::rebuild::delete_version(&store, "orders", 2)
+            .await
+            .unwrap();
+        apply("ORD-F3", 3).await.unwrap_err();
+        let left: Vec<String> = redis
+            .keys(format!("{}:*", store.version_prefix("orders", 2)))
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "scripted={scripted}: left {left:?}");
+    }
+}
+
+/// The same refusal inside `lua/commit.lua` itself, for a write whose read
+/// saw the pointer just before it moved: called as a rebuild's apply
+/// (ARGV[3] empty), it writes only while `building` names its version;
+/// `lua/markers.lua`, next in the same transaction, then indexes no bucket.
+#[tokio::test]
+async fn commit_script_refuses_a_rebuild_write_into_a_version_no_longer_built() {
+    let url = shared_stack().redis_url.clone();
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let p = unique("e2e:fencelua:");
+    let (building, entity, bucket, index) = (
+        format!("{p}building"),
+        format!("{p}v2:e:ORD-L"),
+        format!("{p}v2:seen:100"),
+        format!("{p}v2:seen"),
+    );
+    let commit = redis::Script::new(include_str!("../../processor/lua/commit.lua"));
+    let markers = redis::Script::new(include_str!("../../processor/lua/markers.lua"));
+    let write = |redis: &mut redis::aio::MultiplexedConnection| {
+        let mut call = commit.prepare_invoke();
+        call.arg(format!("{p}current"))
+            .arg(&building)
+            .arg("")
+            .arg(2)
+            .arg("")
+            .arg(format!("{p}writes"))
+            .arg(format!("{p}own"))
+            .arg(1)
+            .arg(&bucket)
+            .arg(format!("{p}v2:stripe:"))
+            .arg(&entity)
+            .arg("0")
+            .arg(1)
+            .arg(0)
+            .arg(1)
+            .arg("evt_1")
+            .arg(2)
+            .arg("status")
+            .arg("\"shipped\"")
+            .arg("~rev")
+            .arg(1);
+        let mut redis = redis.clone();
+        async move { call.invoke_async::<redis::Value>(&mut redis).await.unwrap() }
+    };
+    let keep = |redis: &mut redis::aio::MultiplexedConnection| {
+        let mut call = markers.prepare_invoke();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        call.arg(&bucket).arg(&index).arg(now).arg(now + 3600);
+        let mut redis = redis.clone();
+        async move { call.invoke_async::<i64>(&mut redis).await.unwrap() }
+    };
+
+    assert_eq!(write(&mut redis).await, redis::Value::Int(-1), "no pointer");
+    keep(&mut redis).await;
+    let _: () = redis.set(&building, 3).await.unwrap();
+    assert_eq!(
+        write(&mut redis).await,
+        redis::Value::Int(-1),
+        "another version"
+    );
+    keep(&mut redis).await;
+    for key in [&entity, &bucket, &index] {
+        let exists: bool = redis.exists(key).await.unwrap();
+        assert!(!exists, "{key} was written");
+    }
+
+    let _: () = redis.set(&building, 2).await.unwrap();
+    assert_eq!(
+        write(&mut redis).await,
+        redis::Value::Array(vec![redis::Value::Int(0)]),
+        "its own version"
+    );
+    keep(&mut redis).await;
+    for key in [&entity, &bucket, &index] {
+        let exists: bool = redis.exists(key).await.unwrap();
+        assert!(exists, "{key} was not written");
+    }
 }

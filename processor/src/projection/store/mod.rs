@@ -79,6 +79,23 @@ fn unix_now() -> u64 {
 /// watched transaction does (docs/operations.md, "Capacity planning").
 const CHUNK_ARGS: usize = 8_000;
 
+/// The code of the error an apply into a rebuild's version returns once
+/// that version is no longer the one being built: a failed rebuild's
+/// clean-up (or an operator) removed the `building` pointer. Its writes are
+/// refused from that moment on, so nothing lands in a version being
+/// deleted.
+pub const NOT_BUILDING: &str = "NOTBUILDING";
+
+/// The [`NOT_BUILDING`] error for `version` of `projection`.
+fn not_building(projection: &str, version: u64) -> RedisError {
+    redis::make_extension_error(
+        NOT_BUILDING.to_owned(),
+        Some(format!(
+            "version {version} of {projection} is no longer the one being built"
+        )),
+    )
+}
+
 /// A batch is split by entity into this many shards applied concurrently,
 /// so the processor folds one shard while Redis works on another. Shards
 /// share no entity, so they never lose a compare-and-set to each other.
@@ -562,6 +579,7 @@ impl Store {
                     None => wait.wait(&mut conn).await?,
                 }
             }
+            let scripted = watched.is_none();
             if let Some(c) = watched {
                 self.watch_pool.lock().expect("lock").push(c);
             }
@@ -572,7 +590,12 @@ impl Store {
                     .position(|(p, _)| p == projection)
                     .expect("pending")];
                 let flags: Vec<i64> = match reply {
-                    redis::Value::Int(_) => vec![1; groups.len()],
+                    redis::Value::Int(_) => match target {
+                        // The script refused a rebuild's write: its version
+                        // is no longer being built (a lost watch is a race).
+                        Target::Version(v) if scripted => return Err(not_building(projection, v)),
+                        _ => vec![1; groups.len()],
+                    },
                     other => redis::from_redis_value(&other)?,
                 };
                 let mut flags = flags.into_iter();

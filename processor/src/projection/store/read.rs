@@ -7,7 +7,8 @@ use redis::aio::ConnectionLike;
 use redis::RedisError;
 
 use super::{
-    entity_hash_key, stripe_key, stripe_of, Store, Target, VersionRead, WriteCounts, STRIPES,
+    entity_hash_key, not_building, stripe_key, stripe_of, Store, Target, VersionRead, WriteCounts,
+    STRIPES,
 };
 use crate::projection::fold::Fields;
 use crate::projection::spec::Update;
@@ -105,7 +106,9 @@ impl Store {
     /// The first round trip of [`Store::read_for_fold`]: the pointers (live
     /// applies only; None for a rebuild), the counters, the entities in
     /// `versions`. With `watch`, the pointers and the entities' stripe
-    /// counters are watched first (see [`Store::commit_watched`]).
+    /// counters are watched first (see [`Store::commit_watched`]). A
+    /// rebuild's apply reads (and watches) `building` and fails with
+    /// [`super::NOT_BUILDING`] when it no longer names its version.
     async fn read_entities<'a>(
         &self,
         conn: &mut impl ConnectionLike,
@@ -145,18 +148,19 @@ impl Store {
             // the pointers.
             pipe.cmd("UNWATCH").ignore();
             let watched = pipe.cmd("WATCH");
-            for (projection, _) in pending.iter().filter(|_| live) {
-                watched
-                    .arg(self.current_key(projection))
-                    .arg(self.building_key(projection));
+            for (projection, _) in pending {
+                if live {
+                    watched.arg(self.current_key(projection));
+                }
+                watched.arg(self.building_key(projection));
             }
             watched.arg(&stripes).ignore();
         }
         for (projection, _) in pending {
             if live {
-                pipe.get(self.current_key(projection))
-                    .get(self.building_key(projection));
+                pipe.get(self.current_key(projection));
             }
+            pipe.get(self.building_key(projection));
             let (own, total) = self.write_count_keys(projection);
             pipe.get(own).get(total);
         }
@@ -169,13 +173,20 @@ impl Store {
             .into_iter();
         let mut counts = Vec::with_capacity(pending.len());
         let mut pointers = Vec::with_capacity(pending.len());
-        for _ in pending {
-            if live {
-                let current: Option<u64> =
-                    redis::from_redis_value(&replies.next().expect("reply"))?;
-                let building: Option<u64> =
-                    redis::from_redis_value(&replies.next().expect("reply"))?;
-                pointers.push(live_versions(current, building));
+        for ((projection, _), versions) in pending.iter().zip(versions) {
+            let current: Option<u64> = match live {
+                true => redis::from_redis_value(&replies.next().expect("reply"))?,
+                false => None,
+            };
+            let building: Option<u64> = redis::from_redis_value(&replies.next().expect("reply"))?;
+            match live {
+                true => pointers.push(live_versions(current, building)),
+                // A rebuild writes only while its version is being built
+                // (`lua/commit.lua` checks again when it writes).
+                false if building != Some(versions[0]) => {
+                    return Err(not_building(projection, versions[0]));
+                }
+                false => {}
             }
             let own = redis::from_redis_value(&replies.next().expect("reply"))?;
             let total = redis::from_redis_value(&replies.next().expect("reply"))?;
