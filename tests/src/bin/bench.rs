@@ -967,24 +967,33 @@ async fn main() {
 
 /// The versions behind the figures: the kernel, Redis, Hooklog's librdkafka,
 /// and the seed-style receiver's Python stack (from its venv, when it ran).
-/// `BENCH_COMPARE`: the processor builds in `target/<build>/` take turns on
-/// the same preloaded records; prints events/s and the processor's and
-/// Redis's CPU per event for each turn, then each build's average.
+/// A namespace `name` of its own on `stack` (six partitions per raw topic,
+/// `processor` added to `[processor]`), whose services run the binaries in
+/// `target/<build>/`.
+fn build_env(stack: &Stack, build: &str, name: &str, processor: &str) -> TestEnv {
+    std::env::set_var("HOOKLOG_BIN_PROFILE", build);
+    let env = TestEnv::on(
+        name,
+        &stack.brokers,
+        &stack.redis_url,
+        &format!("[processor]\npartitions = 6\n{processor}"),
+    )
+    .with_log("info");
+    env.create_topics();
+    env
+}
+
+/// `BENCH_COMPARE`: ingest, then the processor, of the builds in
+/// `target/<build>/`, taking turns: ingest under the same load (req/s and
+/// CPU per request), the processor on the same preloaded records (events/s
+/// and its and Redis's CPU per event, then each build's average).
 async fn compare(builds: &[&str], turns: usize, records: usize, batch_size: usize) {
     let stack = Stack::start();
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     if only != "processor" {
         let mut ingests = Vec::new();
         for (b, build) in builds.iter().enumerate() {
-            std::env::set_var("HOOKLOG_BIN_PROFILE", build);
-            let env = TestEnv::on(
-                &format!("cmpi-{b}"),
-                &stack.brokers,
-                &stack.redis_url,
-                "[processor]\npartitions = 6",
-            )
-            .with_log("info");
-            env.create_topics();
+            let env = build_env(&stack, build, &format!("cmpi-{b}"), "");
             let server = env.ingest();
             ingests.push((env, server));
         }
@@ -1031,15 +1040,8 @@ async fn compare(builds: &[&str], turns: usize, records: usize, batch_size: usiz
     let mut totals = vec![(0.0, 0.0, 0.0); builds.len()];
     for turn in 0..turns {
         for (b, build) in builds.iter().enumerate() {
-            std::env::set_var("HOOKLOG_BIN_PROFILE", build);
-            let env = TestEnv::on(
-                &format!("cmp-{turn}-{b}"),
-                &stack.brokers,
-                &stack.redis_url,
-                &format!("[processor]\npartitions = 6\nbatch_size = {batch_size}"),
-            )
-            .with_log("info");
-            env.create_topics();
+            let batch = format!("batch_size = {batch_size}");
+            let env = build_env(&stack, build, &format!("cmp-{turn}-{b}"), &batch);
             preload.produce(&producer, &env).await;
             let redis_before = redis_cpu(&stack.redis_url).await;
             let processor = env.processor();
