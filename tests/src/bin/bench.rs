@@ -9,7 +9,7 @@
 //! `BENCH_BATCH=N`: the processor's `batch_size` for its measured run
 //! (default 10,000: a catch-up's setting; see `bench/limits.md`);
 //! `BENCH_NO_WRITE=1`: print, write no file (`bench/profile.sh`).
-//! `BENCH_COMPARE=a,b`: ingest and the processor of the builds in
+//! `BENCH_COMPARE=a,b`: ingest, the processor and its rebuild, of the builds in
 //! `target/a/` and `target/b/` taking turns (`BENCH_TURNS`, default 3) on
 //! the same load, each in a namespace of its own (`BENCH_ONLY=ingest` or
 //! `processor` for one of them); prints each turn and writes no file: how
@@ -986,7 +986,8 @@ fn build_env(stack: &Stack, build: &str, name: &str, processor: &str) -> TestEnv
 /// `BENCH_COMPARE`: ingest, then the processor, of the builds in
 /// `target/<build>/`, taking turns: ingest under the same load (req/s and
 /// CPU per request), the processor on the same preloaded records (events/s
-/// and its and Redis's CPU per event, then each build's average).
+/// and its and Redis's CPU per event, then the rebuild of customers from
+/// the same records), then each build's average.
 async fn compare(builds: &[&str], turns: usize, records: usize, batch_size: usize) {
     let stack = Stack::start();
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
@@ -1037,7 +1038,7 @@ async fn compare(builds: &[&str], turns: usize, records: usize, batch_size: usiz
     }
     let producer = kafka::producer(&stack.brokers);
     let preload = Preload::new(records, "c");
-    let mut totals = vec![(0.0, 0.0, 0.0); builds.len()];
+    let mut totals = vec![(0.0, 0.0, 0.0, 0.0); builds.len()];
     for turn in 0..turns {
         for (b, build) in builds.iter().enumerate() {
             let batch = format!("batch_size = {batch_size}");
@@ -1052,6 +1053,10 @@ async fn compare(builds: &[&str], turns: usize, records: usize, batch_size: usiz
             let cpu = processor.cpu_secs().unwrap_or(f64::NAN);
             let redis = redis_cpu(&stack.redis_url).await.0 - redis_before.0;
             drop(processor);
+            let (ok, out) =
+                env.processor_cmd(&["rebuild", "--projection", "customers", "--grace-secs", "0"]);
+            assert!(ok, "rebuild failed: {out}");
+            let (replayed, replay_secs) = replay_figures(&out).expect("rebuild reports its replay");
             // Each turn starts on an empty Redis (its cost grows with the keys).
             let client = redis::Client::open(stack.redis_url.as_str()).expect("redis url");
             let mut conn = client
@@ -1062,23 +1067,25 @@ async fn compare(builds: &[&str], turns: usize, records: usize, batch_size: usiz
                 .query_async(&mut conn)
                 .await
                 .expect("FLUSHALL");
-            let (rate, us, redis_us) = (
+            let (rate, us, redis_us, rebuild) = (
                 records as f64 / secs,
                 1e6 * cpu / records as f64,
                 1e6 * redis / records as f64,
+                replayed / replay_secs,
             );
-            println!("turn {turn} {build}: {rate:.0} events/s, CPU per event: processor {us:.1} µs, Redis {redis_us:.1} µs");
+            println!("turn {turn} {build}: {rate:.0} events/s, CPU per event: processor {us:.1} µs, Redis {redis_us:.1} µs; rebuild {rebuild:.0} events/s");
             let t = &mut totals[b];
-            (t.0, t.1, t.2) = (t.0 + rate, t.1 + us, t.2 + redis_us);
+            (t.0, t.1, t.2, t.3) = (t.0 + rate, t.1 + us, t.2 + redis_us, t.3 + rebuild);
         }
     }
-    for (build, (rate, us, redis_us)) in builds.iter().zip(totals) {
+    for (build, (rate, us, redis_us, rebuild)) in builds.iter().zip(totals) {
         let n = turns as f64;
         println!(
-            "{build}: on average {:.0} events/s, processor {:.1} µs and Redis {:.1} µs per event",
+            "{build}: on average {:.0} events/s, processor {:.1} µs and Redis {:.1} µs per event; rebuild {:.0} events/s",
             rate / n,
             us / n,
-            redis_us / n
+            redis_us / n,
+            rebuild / n
         );
     }
 }
