@@ -174,19 +174,15 @@ impl Store {
         let mut counts = Vec::with_capacity(pending.len());
         let mut pointers = Vec::with_capacity(pending.len());
         for ((projection, _), versions) in pending.iter().zip(versions) {
-            let current: Option<u64> = match live {
-                true => redis::from_redis_value(&replies.next().expect("reply"))?,
-                false => None,
-            };
-            let building: Option<u64> = redis::from_redis_value(&replies.next().expect("reply"))?;
-            match live {
-                true => pointers.push(live_versions(current, building)),
+            let mut pointer =
+                || redis::from_redis_value::<Option<u64>>(&replies.next().expect("reply"));
+            if live {
+                let (current, building) = (pointer()?, pointer()?);
+                pointers.push(live_versions(current, building));
+            } else if pointer()? != Some(versions[0]) {
                 // A rebuild writes only while its version is being built
                 // (`lua/commit.lua` checks again when it writes).
-                false if building != Some(versions[0]) => {
-                    return Err(not_building(projection, versions[0]));
-                }
-                false => {}
+                return Err(not_building(projection, versions[0]));
             }
             let own = redis::from_redis_value(&replies.next().expect("reply"))?;
             let total = redis::from_redis_value(&replies.next().expect("reply"))?;
