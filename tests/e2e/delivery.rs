@@ -618,8 +618,9 @@ async fn an_endpoint_failing_for_long_is_disabled_and_reported() {
 
 /// With `redis.wait_replicas = 1` the fan-out commits an event's offset only
 /// once a replica has its jobs: with the replica down it pauses (the
-/// deliverer's `/readyz` body says so); with the replica back it carries
-/// on, and each event is delivered once.
+/// deliverer's `/readyz` body says so) while the subscription API answers
+/// at once (the fan-out waits on a connection of its own); with the
+/// replica back it carries on, and each event is delivered once.
 #[tokio::test]
 async fn the_fan_out_waits_for_a_replica_when_asked() {
     let stack = hooklog_e2e::shared_stack();
@@ -630,7 +631,7 @@ async fn the_fan_out_waits_for_a_replica_when_asked() {
     let _ingest = env.ingest();
     let mut deliverer = env.deliverer_service();
     deliverer.env("HOOKLOG_REDIS__WAIT_REPLICAS", "1");
-    deliverer.env("HOOKLOG_REDIS__WAIT_TIMEOUT_MS", "300");
+    deliverer.env("HOOKLOG_REDIS__WAIT_TIMEOUT_MS", "3000");
     deliverer.start();
     let ready = format!("{}/readyz", env.delivery_url());
     hooklog_e2e::wait_http_ok(&ready, Duration::from_secs(60));
@@ -655,10 +656,14 @@ async fn the_fan_out_waits_for_a_replica_when_asked() {
     })
     .await;
     assert!(
-        deliverer.log_text().contains("0 of 1 within 300 ms"),
+        deliverer.log_text().contains("0 of 1 within 3000 ms"),
         "{}",
         deliverer.log_text()
     );
+    hooklog_e2e::reads_answer_at_once("the subscription API", || async {
+        get(&env, "/api/v1/webhooks").await.0 == 200
+    })
+    .await;
 
     replica.start();
     eventually("the fan-out resumes", Duration::from_secs(60), || {

@@ -730,6 +730,43 @@ async fn waits_for_a_replica_when_asked() {
     assert_sums(&env, &expected).await;
 }
 
+/// The writes that wait for a replica, and their `WAIT`, use connections
+/// of their own: with `watched_commits = false` (every write through the
+/// script) and the replica down, the processor pauses on 3-second waits
+/// while its read API answers at once.
+#[tokio::test]
+async fn reads_do_not_queue_behind_a_replica_wait() {
+    let stack = shared_stack();
+    let (_primary, url) = private_redis("redis-primary-reads", &[]);
+    let mut replica = private_replica("redis-replica-reads", &url);
+    let (env, records, expected) = charge_env("proc-wait-reads", &stack.brokers, &url, 400, 10);
+    let producer = kafka::producer(&env.brokers);
+    let mut processor = env.processor_service();
+    processor.env("HOOKLOG_REDIS__WAIT_REPLICAS", "1");
+    processor.env("HOOKLOG_REDIS__WAIT_TIMEOUT_MS", "3000");
+    processor.env("HOOKLOG_REDIS__WATCHED_COMMITS", "false");
+    processor.start();
+    wait_http_ok(
+        &format!("{}/readyz", env.processor_url()),
+        Duration::from_secs(30),
+    );
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[..200]).await;
+    wait_applied(&env, 200.0).await;
+
+    replica.kill();
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[200..]).await;
+    reports_pause_and_still_serves(&env, &expected).await;
+    let customer = expected.keys().next().expect("a customer");
+    hooklog_e2e::reads_answer_at_once("the read API", || async {
+        state(&env, "customers", customer).await.is_some()
+    })
+    .await;
+    assert!(processor.log_text().contains("0 of 1 within 3000 ms"));
+
+    replica.start();
+    assert_sums(&env, &expected).await;
+}
+
 /// Ingest and the processor reach the broker over TLS only (a
 /// TLS-terminating proxy in front of Tansu, trusted through
 /// `kafka.properties`): the seed's signed `order.shipped` is acknowledged

@@ -1105,6 +1105,26 @@ where
     }
 }
 
+/// Reads with `read` eight times, 300 ms apart, and fails unless each
+/// read succeeds within a second: the reads of a process whose writers wait
+/// for a replica (`WAIT`, seconds at a time) must not queue behind them.
+pub async fn reads_answer_at_once<F, Fut>(what: &str, mut read: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for i in 0..8 {
+        let started = Instant::now();
+        assert!(read().await, "{what}: read {i} failed");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "{what}: read {i} took {took:?}, behind a writer's WAIT?"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// GET a JSON document; None on non-2xx.
 pub async fn get_json(url: &str) -> Option<serde_json::Value> {
     let resp = reqwest::Client::new()

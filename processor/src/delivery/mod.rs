@@ -73,8 +73,10 @@ pub async fn run(
     let conn = store.connection();
     let prefix = &config.redis.key_prefix;
     let subs = subscription::SubscriptionStore::new(conn.clone(), prefix);
-    let queue = queue::Queue::new(conn, prefix, config.delivery.retention_secs)
-        .with_replica_wait(crate::replicas::ReplicaWait::from_config(&config.redis));
+    let mut queue = queue::Queue::new(conn, prefix, config.delivery.retention_secs);
+    if let Some(wait) = crate::replicas::ReplicaWait::from_config(&config.redis) {
+        queue = queue.with_replica_wait(wait, store.new_connection().await?);
+    }
     let cache = Arc::new(subscription::SubscriptionCache::default());
     let metrics = Arc::new(metrics::DeliveryMetrics::default());
     let health = Arc::new(Health::default());

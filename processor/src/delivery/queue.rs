@@ -98,12 +98,17 @@ pub struct Queue {
     claim: Script,
     /// Replicas new jobs wait for before the fan-out commits their offsets.
     replica_wait: Option<ReplicaWait>,
+    /// The connection new jobs are written on: `conn`, or one of their own
+    /// when they wait for replicas (`WAIT` holds up every later command on
+    /// its connection, and the API's reads share `conn`).
+    writes: ConnectionManager,
 }
 
 impl Queue {
     /// `prefix` is `redis.key_prefix`.
     pub fn new(conn: ConnectionManager, prefix: &str, retention_secs: u64) -> Self {
         Self {
+            writes: conn.clone(),
             conn,
             prefix: format!("{prefix}dlv:"),
             retention_secs,
@@ -115,9 +120,11 @@ impl Queue {
 
     /// New jobs wait until replicas have them (see [`ReplicaWait`]): the
     /// fan-out commits their events' offsets right after, and a failover
-    /// that lost a job would lose its deliveries.
-    pub fn with_replica_wait(mut self, wait: Option<ReplicaWait>) -> Self {
-        self.replica_wait = wait;
+    /// that lost a job would lose its deliveries. They are written, and
+    /// waited for, on `writes`, a connection no reader shares.
+    pub fn with_replica_wait(mut self, wait: ReplicaWait, writes: ConnectionManager) -> Self {
+        self.replica_wait = Some(wait);
+        self.writes = writes;
         self
     }
 
@@ -150,7 +157,7 @@ impl Queue {
         if let Some(wait) = self.replica_wait {
             // The connection manager's clones share one connection: the one
             // that wrote.
-            wait.wait(&mut self.conn.clone()).await?;
+            wait.wait(&mut self.writes.clone()).await?;
         }
         Ok(created)
     }
@@ -172,7 +179,7 @@ impl Queue {
                 .arg(j.event_id)
                 .arg(j.traceparent.unwrap_or(""));
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.writes.clone();
         let created: Vec<u64> = pipe.query_async(&mut conn).await?;
         Ok(created.iter().sum())
     }

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use redis::RedisError;
 
 use super::{stripe_key, stripe_prefix, Group, Store, Target, STRIPES};
@@ -75,11 +75,12 @@ impl MarkerBucket {
 }
 
 impl Store {
-    /// A connection for a watched apply: an idle one, or a new one. It goes
-    /// back to the pool only after a successful apply; after an error it is
-    /// dropped, since its state (watched keys, a transaction half sent) is
-    /// unknown. Unlike the shared connection manager it never reconnects
-    /// behind the apply's back, which would lose the watch.
+    /// A connection of an apply's own (a watched apply, or one that waits
+    /// for replicas): an idle one, or a new one. It goes back to the pool
+    /// only after a successful apply; after an error it is dropped, since
+    /// its state (watched keys, a transaction half sent) is unknown. Unlike
+    /// the shared connection manager it never reconnects behind the apply's
+    /// back, which would lose the watch (or the writes `WAIT` is for).
     pub(super) async fn watch_connection(&self) -> Result<MultiplexedConnection, RedisError> {
         if let Some(c) = self.watch_pool.lock().expect("lock").pop() {
             return Ok(c);
@@ -175,7 +176,7 @@ impl Store {
     /// marker buckets with `lua/markers.lua`, all in one MULTI/EXEC.
     pub(super) async fn commit_scripted(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut impl redis::aio::ConnectionLike,
         calls: &[(&str, Vec<Group<'_>>)],
         pending: &[(&str, Vec<usize>)],
         versions: &[Vec<u64>],

@@ -79,6 +79,16 @@ fn unix_now() -> u64 {
 /// watched transaction does (docs/operations.md, "Capacity planning").
 const CHUNK_ARGS: usize = 8_000;
 
+/// A connection manager to `client` with the store's timeouts and retries.
+async fn manager(client: &redis::Client) -> Result<ConnectionManager, RedisError> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(2))
+        .set_response_timeout(Duration::from_secs(10))
+        .set_number_of_retries(2)
+        .set_max_delay(1000);
+    ConnectionManager::new_with_config(client.clone(), config).await
+}
+
 /// The code of the error an apply into a rebuild's version returns once
 /// that version is no longer the one being built: a failed rebuild's
 /// clean-up (or an operator) removed the `building` pointer. Its writes are
@@ -289,12 +299,7 @@ impl Store {
         prefix: &str,
         window_secs: u64,
     ) -> Result<Self, RedisError> {
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(Duration::from_secs(10))
-            .set_number_of_retries(2)
-            .set_max_delay(1000);
-        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let conn = manager(&client).await?;
         let store = Self {
             conn,
             prefix: prefix.to_owned(),
@@ -435,6 +440,12 @@ impl Store {
         self.conn.clone()
     }
 
+    /// A connection manager of its own, not shared with the store's reads
+    /// (the delivery fan-out's writes and their `WAIT`).
+    pub async fn new_connection(&self) -> Result<ConnectionManager, RedisError> {
+        manager(&self.client).await
+    }
+
     /// Applies `updates` (with their event ids) in one pipeline.
     pub async fn apply_batch(
         &self,
@@ -525,14 +536,18 @@ impl Store {
             let (bucket, expiry) = marker_bucket(now, self.window_secs);
             // The first round reads and writes on a connection of its own,
             // watching what it reads (see `commit_watched`); a round after a
-            // lost race uses the script, which tells the groups apart.
-            let mut watched = match round {
-                0 if self.should_watch() => Some(self.watch_connection().await?),
-                _ => None,
+            // lost race uses the script, which tells the groups apart. A
+            // script's writes that wait for replicas get a connection of
+            // their own too: `WAIT` holds up every later command on its
+            // connection, and the read API's reads share `conn`.
+            let watch = round == 0 && self.should_watch();
+            let mut own = match watch || self.replica_wait.is_some() {
+                true => Some(self.watch_connection().await?),
+                false => None,
             };
-            let (versions, counts, reads) = match watched.as_mut() {
+            let (versions, counts, reads) = match own.as_mut() {
                 Some(c) => {
-                    self.read_for_fold(c, updates, &pending, target, true, now)
+                    self.read_for_fold(c, updates, &pending, target, watch, now)
                         .await?
                 }
                 None => {
@@ -562,10 +577,14 @@ impl Store {
                 start: bucket,
                 expiry,
             };
-            let replies = match watched.as_mut() {
+            let replies = match own.as_mut() {
                 _ if calls.is_empty() => Vec::new(),
-                Some(c) => {
+                Some(c) if watch => {
                     self.commit_watched(c, &calls, &pending, &versions, marks)
+                        .await?
+                }
+                Some(c) => {
+                    self.commit_scripted(c, &calls, &pending, &versions, target, marks)
                         .await?
                 }
                 None => {
@@ -574,13 +593,12 @@ impl Store {
                 }
             };
             if let Some(wait) = self.replica_wait.filter(|_| !calls.is_empty()) {
-                match watched.as_mut() {
-                    Some(c) => wait.wait(c).await?,
-                    None => wait.wait(&mut conn).await?,
-                }
+                // On the connection that wrote (always our own here).
+                wait.wait(own.as_mut().expect("a connection of its own"))
+                    .await?;
             }
-            let scripted = watched.is_none();
-            if let Some(c) = watched {
+            let scripted = !watch;
+            if let Some(c) = own {
                 self.watch_pool.lock().expect("lock").push(c);
             }
             let mut retry: HashMap<&str, BTreeSet<usize>> = HashMap::new();
