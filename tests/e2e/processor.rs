@@ -696,38 +696,68 @@ async fn reports_pause_and_still_serves(env: &TestEnv, expected: &Expected) {
     );
 }
 
+/// A processor that waits for one replica (`redis.wait_replicas = 1`, plus
+/// `settings` as environment) on a Redis of its own: half of `n` charges
+/// applied, then the replica killed and the rest produced, until the
+/// processor reports the pause while its read API still serves.
+struct ReplicaDown {
+    env: TestEnv,
+    expected: Expected,
+    processor: hooklog_e2e::Service,
+    replica: hooklog_e2e::Service,
+    _primary: hooklog_e2e::Service,
+}
+
+async fn replica_down_mid_stream(name: &str, n: usize, settings: &[(&str, &str)]) -> ReplicaDown {
+    let stack = shared_stack();
+    let (primary, url) = private_redis(&format!("{name}-primary"), &[]);
+    let mut replica = private_replica(&format!("{name}-replica"), &url);
+    let (env, records, expected) = charge_env(name, &stack.brokers, &url, n, 10);
+    let producer = kafka::producer(&env.brokers);
+    let mut processor = env.processor_service();
+    processor.env("HOOKLOG_REDIS__WAIT_REPLICAS", "1");
+    for (k, v) in settings {
+        processor.env(k, v);
+    }
+    processor.start();
+    wait_http_ok(
+        &format!("{}/readyz", env.processor_url()),
+        Duration::from_secs(30),
+    );
+    let half = n / 2;
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[..half]).await;
+    wait_applied(&env, half as f64).await;
+
+    replica.kill();
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[half..]).await;
+    reports_pause_and_still_serves(&env, &expected).await;
+    ReplicaDown {
+        env,
+        expected,
+        processor,
+        replica,
+        _primary: primary,
+    }
+}
+
 /// With `redis.wait_replicas = 1` an apply counts only once a replica has
 /// its writes: while the replica is down the processor pauses (the primary
 /// alone is not enough), and when it is back every event is applied
 /// exactly once.
 #[tokio::test]
 async fn waits_for_a_replica_when_asked() {
-    let stack = shared_stack();
-    let (_primary, url) = private_redis("redis-primary", &[]);
-    let mut replica = private_replica("redis-replica", &url);
-
-    let (env, records, expected) = charge_env("proc-wait", &stack.brokers, &url, 1000, 10);
-    let producer = kafka::producer(&env.brokers);
-    let mut processor = env.processor_service();
-    processor.env("HOOKLOG_REDIS__WAIT_REPLICAS", "1");
-    processor.env("HOOKLOG_REDIS__WAIT_TIMEOUT_MS", "300");
-    processor.start();
-    wait_http_ok(
-        &format!("{}/readyz", env.processor_url()),
-        Duration::from_secs(30),
-    );
-    kafka::produce_all(&producer, &env.topic("stripe"), &records[..500]).await;
-    wait_applied(&env, 500.0).await;
-
-    replica.kill();
-    kafka::produce_all(&producer, &env.topic("stripe"), &records[500..]).await;
-    reports_pause_and_still_serves(&env, &expected).await;
-    let log = processor.log_text();
+    let mut t = replica_down_mid_stream(
+        "proc-wait",
+        1000,
+        &[("HOOKLOG_REDIS__WAIT_TIMEOUT_MS", "300")],
+    )
+    .await;
+    let log = t.processor.log_text();
     assert!(log.contains("0 of 1 within 300 ms"), "{log}");
-    assert_eq!(applied(&env).await, 500.0);
+    assert_eq!(applied(&t.env).await, 500.0);
 
-    replica.start();
-    assert_sums(&env, &expected).await;
+    t.replica.start();
+    assert_sums(&t.env, &t.expected).await;
 }
 
 /// The writes that wait for a replica, and their `WAIT`, use connections
@@ -736,35 +766,21 @@ async fn waits_for_a_replica_when_asked() {
 /// while its read API answers at once.
 #[tokio::test]
 async fn reads_do_not_queue_behind_a_replica_wait() {
-    let stack = shared_stack();
-    let (_primary, url) = private_redis("redis-primary-reads", &[]);
-    let mut replica = private_replica("redis-replica-reads", &url);
-    let (env, records, expected) = charge_env("proc-wait-reads", &stack.brokers, &url, 400, 10);
-    let producer = kafka::producer(&env.brokers);
-    let mut processor = env.processor_service();
-    processor.env("HOOKLOG_REDIS__WAIT_REPLICAS", "1");
-    processor.env("HOOKLOG_REDIS__WAIT_TIMEOUT_MS", "3000");
-    processor.env("HOOKLOG_REDIS__WATCHED_COMMITS", "false");
-    processor.start();
-    wait_http_ok(
-        &format!("{}/readyz", env.processor_url()),
-        Duration::from_secs(30),
-    );
-    kafka::produce_all(&producer, &env.topic("stripe"), &records[..200]).await;
-    wait_applied(&env, 200.0).await;
-
-    replica.kill();
-    kafka::produce_all(&producer, &env.topic("stripe"), &records[200..]).await;
-    reports_pause_and_still_serves(&env, &expected).await;
-    let customer = expected.keys().next().expect("a customer");
+    let settings = [
+        ("HOOKLOG_REDIS__WAIT_TIMEOUT_MS", "3000"),
+        ("HOOKLOG_REDIS__WATCHED_COMMITS", "false"),
+    ];
+    let mut t = replica_down_mid_stream("proc-wait-reads", 400, &settings).await;
+    let customer = t.expected.keys().next().expect("a customer");
     hooklog_e2e::reads_answer_at_once("the read API", || async {
-        state(&env, "customers", customer).await.is_some()
+        state(&t.env, "customers", customer).await.is_some()
     })
     .await;
-    assert!(processor.log_text().contains("0 of 1 within 3000 ms"));
+    let log = t.processor.log_text();
+    assert!(log.contains("0 of 1 within 3000 ms"), "{log}");
 
-    replica.start();
-    assert_sums(&env, &expected).await;
+    t.replica.start();
+    assert_sums(&t.env, &t.expected).await;
 }
 
 /// Ingest and the processor reach the broker over TLS only (a
