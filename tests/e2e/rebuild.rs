@@ -285,10 +285,7 @@ async fn a_new_field_is_filled_from_history_and_corruption_is_detected() {
     assert!(out.contains(&format!("DIFF orders/{key}")), "{out}");
     assert!(out.contains("1 differences"), "{out}");
     // The scratch version is gone.
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}{{orders}}:v3:*", env.prefix))
-        .query(&mut conn)
-        .unwrap();
+    let keys = version_keys(&mut conn, &env, "orders", 3);
     assert!(
         keys.is_empty(),
         "scratch version left behind: {}",
@@ -447,10 +444,7 @@ async fn a_rebuild_that_fills_redis_removes_its_partial_version() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(building, None);
-    let partial: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}{{customers}}:v2:*", env.prefix))
-        .query(&mut conn)
-        .unwrap();
+    let partial = version_keys(&mut conn, &env, "customers", 2);
     assert!(
         partial.is_empty(),
         "{} keys of version 2 left",
@@ -466,4 +460,17 @@ async fn a_rebuild_that_fills_redis_removes_its_partial_version() {
     let after_live = snapshot(&env, "customers").await;
     rebuild(&env, "customers");
     assert_eq!(snapshot(&env, "customers").await, after_live);
+}
+
+/// Every key of `version` of `projection` in `env`'s namespace.
+fn version_keys(
+    conn: &mut redis::Connection,
+    env: &TestEnv,
+    projection: &str,
+    version: u64,
+) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg(format!("{}{{{projection}}}:v{version}:*", env.prefix))
+        .query(conn)
+        .unwrap()
 }
