@@ -184,19 +184,20 @@ pub async fn run(
                     .projection(&name)
                     .expect("checked by the handler")
                     .clone();
+                let options = rebuild::Options::default();
                 match rebuild::run(
                     &config,
                     &store,
                     &spec,
                     rebuild::Mode::Switch,
                     &metrics,
-                    rebuild::Options::default(),
+                    options,
                 )
                 .await
                 {
                     Ok(r) => {
                         info!(projection = %name, version = r.version, records = r.records, "Rebuild finished.");
-                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        tokio::time::sleep(options.grace).await;
                         if let Err(e) = rebuild::delete_version(&store, &name, r.previous).await {
                             warn!(error = %e, "Old version not deleted.");
                         }

@@ -61,6 +61,10 @@ enum Command {
         /// Throttle the replay to this many records per second.
         #[arg(long)]
         max_records_per_sec: Option<u64>,
+        /// Seconds the `building` pointer outlives this command if it is
+        /// killed (live processors dual-write until then).
+        #[arg(long, default_value_t = 30)]
+        lease_secs: u64,
     },
     /// Rebuild into a scratch version and compare it with the live one;
     /// exits 1 on any difference.
@@ -110,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
             projection,
             grace_secs,
             max_records_per_sec,
+            lease_secs,
         } => {
             let (store, spec) = prepare(&config, &projection).await?;
             let metrics = Arc::new(Metrics::default());
@@ -122,6 +127,8 @@ async fn main() -> anyhow::Result<()> {
                 rebuild::Options {
                     progress: true,
                     max_records_per_sec,
+                    grace: Duration::from_secs(grace_secs),
+                    lease: Duration::from_secs(lease_secs.max(1)),
                 },
             )
             .await?;

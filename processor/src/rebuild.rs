@@ -4,13 +4,21 @@
 //!
 //! Hand-over (docs/rebuild.md has the diagram):
 //! 1. allocate version N and set `building = N`; from this moment every live
-//!    apply (inside the same Lua call that reads the pointer) also writes N;
+//!    apply (inside the same Lua call that reads the pointer) also writes N.
+//!    `building` is a lease the rebuild renews: a rebuild killed outright
+//!    stops the dual-writes when it lapses;
 //! 2. take the high watermarks H of every raw partition;
 //! 3. replay [earliest, H) into N only; events the live processors already
 //!    dual-wrote are skipped by N's idempotency markers;
-//! 4. rebuild: `MULTI SET current N; DEL building; EXEC`, then delete the old
-//!    version after a grace period with SCAN + UNLINK. Verify: compare, then
-//!    drop N.
+//! 4. rebuild: if `building` still names N (the lease held all along), set
+//!    `current = N` and remove `building` in one atomic step, then delete
+//!    the old version after a grace period with SCAN + UNLINK. Verify:
+//!    compare, then drop N.
+//!
+//! Every version that may hold keys is listed in `P{NAME}:versions` with the
+//! time from which nobody needs it unless it is current; a rebuild starts by
+//! deleting those that are due (left by a rebuild killed half-way or during
+//! its grace period), so no version is forgotten in Redis.
 //!
 //! Every event with offset < H is applied by the replay, every event applied
 //! live after step 1 is dual-written, and events before step 1 have offsets
@@ -42,13 +50,32 @@ pub enum Mode {
 }
 
 /// How a replay runs.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Options {
     /// Print a progress line (done / total, rate, ETA) to stderr.
     pub progress: bool,
     /// Throttle the replay (records per second) to spare a busy Redis or
     /// broker; `None` runs as fast as they allow.
     pub max_records_per_sec: Option<u64>,
+    /// How long the previous version is kept for in-flight readers after
+    /// the switch (the caller deletes it then); no other rebuild deletes it
+    /// before.
+    pub grace: Duration,
+    /// How long the `building` pointer outlives a rebuild that stopped
+    /// renewing it (killed, or cut off from Redis). Live processors
+    /// dual-write until it lapses; a rebuild whose lease lapsed fails.
+    pub lease: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            progress: false,
+            max_records_per_sec: None,
+            grace: Duration::from_secs(30),
+            lease: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The outcome of a rebuild or verify.
@@ -110,22 +137,22 @@ pub async fn run(
     if !locked {
         anyhow::bail!("a rebuild or verify of {name} is already running (lock {lock_key})");
     }
-    // A rebuild killed half-way leaves `building` and a partial version:
-    // readers never saw it; drop it and start over.
-    if let Some(stale) = store.building_version(name).await? {
-        warn!(
-            projection = name,
-            version = stale,
-            "Removing the partial version of an interrupted rebuild."
-        );
-        let _: () = conn.del(store.building_key(name)).await?;
-        delete_version(store, name, stale).await?;
-    }
+    remove_orphans(store, name).await?;
     let previous = store.current_version(name).await?;
     let counter = format!("{base}version_counter");
     let _: bool = conn.set_nx(&counter, previous).await?;
     let version: u64 = conn.incr(&counter, 1).await?;
-    let _: () = conn.set(store.building_key(name), version).await?;
+    let lease_ms = options.lease.as_millis().max(1) as u64;
+    let _: () = redis::pipe()
+        .atomic()
+        .zadd(store.versions_key(name), version, 0)
+        .cmd("SET")
+        .arg(store.building_key(name))
+        .arg(version)
+        .arg("PX")
+        .arg(lease_ms)
+        .query_async(&mut conn)
+        .await?;
     info!(
         projection = name,
         version,
@@ -144,6 +171,12 @@ pub async fn run(
             }
         }
     });
+    let lease_renewal = tokio::spawn(renew_lease(
+        store.clone(),
+        name.to_owned(),
+        version,
+        options.lease,
+    ));
     let replay_started = Instant::now();
     let result = replay(config, store, spec, version, metrics, options).await;
     let mut report = Report {
@@ -152,34 +185,56 @@ pub async fn run(
         replay_time: replay_started.elapsed(),
         ..Default::default()
     };
-    let outcome = match result {
+    let finished = match result {
         Ok(records) => {
             report.records = records;
             match mode {
                 Mode::Switch => {
-                    let _: () = redis::pipe()
-                        .atomic()
-                        .set(store.current_key(name), version)
-                        .del(store.building_key(name))
-                        .query_async(&mut conn)
-                        .await?;
-                    info!(
-                        projection = name,
-                        version, "Switched readers to the rebuilt version."
-                    );
-                    Ok(())
+                    let deletable_at = chrono::Utc::now().timestamp_millis() as u64
+                        + options.grace.as_millis() as u64;
+                    // An error here leaves it unknown whether the switch
+                    // happened: keep the version (the next rebuild removes
+                    // it if it is not current) and report.
+                    let switch = switch(store, name, version, previous, deletable_at).await;
+                    match switch {
+                        Ok(true) => {
+                            info!(
+                                projection = name,
+                                version, "Switched readers to the rebuilt version."
+                            );
+                            Ok(())
+                        }
+                        Ok(false) => Err(lapsed(name, version)),
+                        Err(e) => {
+                            lease_renewal.abort();
+                            lock_refresh.abort();
+                            let _: Result<(), _> = conn.del(&lock_key).await;
+                            return Err(anyhow::Error::new(e).context(format!(
+                                "switching readers of {name} to version {version}"
+                            )));
+                        }
+                    }
                 }
                 Mode::Verify => {
                     let cmp = compare(store, name, previous, version).await;
-                    stop_building(store, name, version).await?;
-                    delete_version(store, name, version).await?;
-                    cmp.map(|(compared, diffs)| {
-                        report.compared = compared;
-                        report.differences = diffs;
-                    })
+                    match stop_building(store, name, version).await {
+                        // Live applies stopped dual-writing at some point
+                        // of the comparison: its differences mean nothing.
+                        Ok(false) => Err(lapsed(name, version)),
+                        Ok(true) => cmp.map(|(compared, diffs)| {
+                            report.compared = compared;
+                            report.differences = diffs;
+                        }),
+                        Err(e) => Err(e),
+                    }
                 }
             }
         }
+        Err(e) => Err(e),
+    };
+    let outcome = match finished {
+        Ok(()) if mode == Mode::Verify => delete_version(store, name, version).await.map(|_| ()),
+        Ok(()) => Ok(()),
         Err(e) => {
             // Leave things as they were: live applies stop dual-writing,
             // and the partial version's memory is freed (deletes are
@@ -204,25 +259,131 @@ pub async fn run(
             }
         }
     };
+    lease_renewal.abort();
     lock_refresh.abort();
     let _: Result<(), _> = conn.del(&lock_key).await;
     outcome.map(|_| report)
 }
 
-/// Removes the `building` pointer of `projection` if it still names
-/// `version` (an operator may have cleared it, or another rebuild taken
-/// over): from then on live applies stop dual-writing into `version`, and
-/// Redis refuses any write into it.
-async fn stop_building(store: &Store, projection: &str, version: u64) -> anyhow::Result<()> {
-    let script = redis::Script::new(
-        "if redis.call('GET', ARGV[1]) == ARGV[2] then redis.call('DEL', ARGV[1]) end return 0",
+/// The error of a rebuild whose `building` pointer stopped naming its
+/// version before it finished.
+fn lapsed(projection: &str, version: u64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the `building` pointer of {projection} no longer names version {version} (its lease lapsed, or it was removed or replaced): live applies may have stopped dual-writing into it, so it cannot be trusted"
+    )
+}
+
+/// Renews the `building` lease until aborted, every third of the lease
+/// (each renewal touches a key live applies watch, so one of their watched
+/// writes per renewal falls back to `lua/commit.lua`). Stops once
+/// `building` names another version or none: the rebuild's next write, or
+/// its switch, then fails.
+async fn renew_lease(store: Store, projection: String, version: u64, lease: Duration) {
+    let renew = redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
     );
-    let _: i64 = script
-        .arg(store.building_key(projection))
+    let building = store.building_key(&projection);
+    let mut conn = store.connection();
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        let renewed: Result<i64, _> = renew
+            .key(&building)
+            .arg(version)
+            .arg(lease.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await;
+        match renewed {
+            Ok(0) => {
+                warn!(
+                    projection,
+                    version,
+                    "The `building` pointer no longer names this rebuild's version; the rebuild will fail."
+                );
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(projection, version, error = %e, "Could not renew the rebuild's lease; retrying.")
+            }
+        }
+    }
+}
+
+/// Makes `version` current if `building` still names it, and marks
+/// `previous` deletable from `deletable_at` (Unix ms), in one atomic step.
+/// False when `building` names another version or none.
+pub async fn switch(
+    store: &Store,
+    projection: &str,
+    version: u64,
+    previous: u64,
+    deletable_at: u64,
+) -> Result<bool, redis::RedisError> {
+    let script = redis::Script::new(
+        "if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+         redis.call('SET', KEYS[1], ARGV[1])
+         redis.call('DEL', KEYS[2])
+         redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+         return 1",
+    );
+    let switched: i64 = script
+        .key(store.current_key(projection))
+        .key(store.building_key(projection))
+        .key(store.versions_key(projection))
+        .arg(version)
+        .arg(previous)
+        .arg(deletable_at)
+        .invoke_async(&mut store.connection())
+        .await?;
+    Ok(switched == 1)
+}
+
+/// Deletes the versions of `projection` nobody reads or fills: the partial
+/// version of a rebuild killed half-way (its `building` pointer, if it has
+/// not lapsed yet, is removed: the caller holds the rebuild lock), and the
+/// versions listed in `P{NAME}:versions` that are due and not current (a
+/// rebuild killed during its grace period left its previous version).
+async fn remove_orphans(store: &Store, projection: &str) -> anyhow::Result<()> {
+    let mut conn = store.connection();
+    if let Some(stale) = store.building_version(projection).await? {
+        warn!(
+            projection,
+            version = stale,
+            "Removing the partial version of an interrupted rebuild."
+        );
+        let _: () = conn.del(store.building_key(projection)).await?;
+        delete_version(store, projection, stale).await?;
+    }
+    let current = store.current_version(projection).await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let due: Vec<u64> = conn
+        .zrangebyscore(store.versions_key(projection), "-inf", now)
+        .await?;
+    for version in due.into_iter().filter(|&v| v != current) {
+        warn!(
+            projection,
+            version, "Removing a version no reader follows (left by an interrupted rebuild)."
+        );
+        delete_version(store, projection, version).await?;
+    }
+    Ok(())
+}
+
+/// Removes the `building` pointer of `projection` if it still names
+/// `version` (an operator may have cleared it, its lease lapsed, or another
+/// rebuild took over): from then on live applies stop dual-writing into
+/// `version`, and Redis refuses any write into it. True when it still
+/// named `version`.
+async fn stop_building(store: &Store, projection: &str, version: u64) -> anyhow::Result<bool> {
+    let script = redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end return 0",
+    );
+    let held: i64 = script
+        .key(store.building_key(projection))
         .arg(version)
         .invoke_async(&mut store.connection())
         .await?;
-    Ok(())
+    Ok(held == 1)
 }
 
 /// Calls `each` with every batch of keys matching `pattern`, using SCAN
@@ -253,7 +414,8 @@ where
     }
 }
 
-/// Deletes every key of one version, in SCAN batches with UNLINK.
+/// Deletes every key of one version, in SCAN batches with UNLINK, then
+/// strikes it from the projection's list of versions.
 pub async fn delete_version(store: &Store, projection: &str, version: u64) -> anyhow::Result<u64> {
     let pattern = format!("{}:*", store.version_prefix(projection, version));
     let mut deleted = 0;
@@ -269,6 +431,10 @@ pub async fn delete_version(store: &Store, projection: &str, version: u64) -> an
         }
     })
     .await?;
+    let _: () = store
+        .connection()
+        .zrem(store.versions_key(projection), version)
+        .await?;
     Ok(deleted)
 }
 

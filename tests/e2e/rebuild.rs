@@ -8,6 +8,8 @@ use std::time::Duration;
 use hooklog_e2e::events::{self, raw};
 use hooklog_e2e::sign::{self, now};
 use hooklog_e2e::{eventually, get_json, kafka, metric, secret, Stack, TestEnv};
+use hooklog_processor::projection::store::Store;
+use hooklog_processor::rebuild::switch;
 use serde_json::Value;
 
 use crate::ingest::post;
@@ -293,19 +295,20 @@ async fn a_new_field_is_filled_from_history_and_corruption_is_detected() {
     );
 }
 
+/// A rebuild killed outright: readers stay on the old version, its
+/// `building` lease lapses so live processors stop dual-writing into the
+/// partial version, and the next rebuild deletes that version. A rebuild
+/// killed during its grace period leaves the previous version, which a
+/// later rebuild deletes once the grace is over (not before).
 #[tokio::test]
 async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
     let stack = Stack::start();
     let env = TestEnv::on("rb-kill", &stack.brokers, &stack.redis_url, "");
     env.create_topics();
     let _processor = env.processor();
-    let (records, expected) = charge_stream(&env, 3000, 20);
-    kafka::produce_all(
-        &kafka::producer(&env.brokers),
-        &env.topic("stripe"),
-        &records,
-    )
-    .await;
+    let (records, expected) = charge_stream(&env, 3100, 20);
+    let producer = kafka::producer(&env.brokers);
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[..3000]).await;
     wait_applied(&env, "customers", 3000.0).await;
     let before = snapshot(&env, "customers").await;
 
@@ -320,6 +323,8 @@ async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
             "0",
             "--max-records-per-sec",
             "500",
+            "--lease-secs",
+            "2",
         ],
     );
     rebuilder.start();
@@ -356,21 +361,56 @@ async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
         "old version untouched"
     );
 
-    // Run it again once the dead rebuild's lock expired: it completes.
-    let out = eventually("a second rebuild", Duration::from_secs(60), || async {
-        let (ok, out) =
-            env.processor_cmd(&["rebuild", "--projection", "customers", "--grace-secs", "0"]);
-        if ok {
-            Some(out)
-        } else {
-            assert!(out.contains("already running"), "{out}");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            None
-        }
+    // The dead rebuild's lease lapses: live applies stop writing version 2.
+    eventually("the lease to lapse", Duration::from_secs(10), || async {
+        let b: Option<u64> = redis::cmd("GET")
+            .arg(&building)
+            .query(&mut env.redis())
+            .unwrap();
+        b.is_none().then_some(())
     })
     .await;
-    assert!(out.contains("3000 records replayed"), "{out}");
-    assert_eq!(snapshot(&env, "customers").await, before);
+    let partial = entity_hashes(&mut conn, &env, "customers", 2);
+    assert!(!partial.is_empty(), "the killed rebuild wrote nothing");
+    kafka::produce_all(&producer, &env.topic("stripe"), &records[3000..]).await;
+    wait_applied(&env, "customers", 3100.0).await;
+    assert_eq!(
+        entity_hashes(&mut conn, &env, "customers", 2),
+        partial,
+        "live applies still wrote the lapsed version"
+    );
+    let live = snapshot(&env, "customers").await;
+    assert_ne!(live, before);
+
+    // Run it again once the dead rebuild's lock expired: it deletes the
+    // partial version and completes; killed during its grace period, it
+    // leaves version 1 behind.
+    let mut second = eventually("a second rebuild", Duration::from_secs(60), || async {
+        let mut second = env.processor_command(
+            "rebuild-2",
+            &["rebuild", "--projection", "customers", "--grace-secs", "4"],
+        );
+        second.start();
+        let started = std::time::Instant::now();
+        while !second.log_text().contains("keeping version") && second.is_running() {
+            assert!(started.elapsed() < Duration::from_secs(60), "rebuild stuck");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let out = second.log_text();
+        if out.contains("keeping version 1") {
+            return Some(second);
+        }
+        assert!(out.contains("already running"), "{out}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        None
+    })
+    .await;
+    second.kill();
+    let out = second.log_text();
+    assert!(out.contains("3100 records replayed"), "{out}");
+    assert!(version_keys(&mut conn, &env, "customers", 2).is_empty());
+    assert!(!version_keys(&mut conn, &env, "customers", 1).is_empty());
+    assert_eq!(snapshot(&env, "customers").await, live);
     for (customer, (sum, _)) in &expected {
         let s = get_json(&format!(
             "{}/v1/projections/customers/{customer}",
@@ -384,6 +424,28 @@ async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
             "the killed rebuild's version 2 was discarded"
         );
     }
+
+    // Within version 1's grace period a rebuild keeps it; after it, the
+    // next one deletes it.
+    rebuild(&env, "customers");
+    assert!(
+        !version_keys(&mut conn, &env, "customers", 1).is_empty(),
+        "version 1 deleted during its grace period"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    rebuild(&env, "customers");
+    assert!(
+        version_keys(&mut conn, &env, "customers", 1).is_empty(),
+        "version 1 left behind"
+    );
+    assert_eq!(snapshot(&env, "customers").await, live);
+    let versions: Vec<u64> = redis::cmd("ZRANGE")
+        .arg(format!("{}{{customers}}:versions", env.prefix))
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(versions, vec![5], "only the current version is listed");
 }
 
 /// A rebuild that fills Redis (`maxmemory` with `noeviction`) gives up at
@@ -473,4 +535,65 @@ fn version_keys(
         .arg(format!("{}{{{projection}}}:v{version}:*", env.prefix))
         .query(conn)
         .unwrap()
+}
+
+/// Every entity hash of `version` of `projection`, by key.
+fn entity_hashes(
+    conn: &mut redis::Connection,
+    env: &TestEnv,
+    projection: &str,
+    version: u64,
+) -> BTreeMap<String, BTreeMap<String, String>> {
+    version_keys(conn, env, projection, version)
+        .into_iter()
+        .filter(|k| k.contains(":e:"))
+        .map(|k| {
+            let fields = redis::cmd("HGETALL").arg(&k).query(conn).unwrap();
+            (k, fields)
+        })
+        .collect()
+}
+
+/// The switch makes a rebuilt version current only while `building` still
+/// names it: once its lease lapsed (or another rebuild took over), live
+/// applies may have stopped dual-writing into it.
+#[tokio::test]
+async fn a_rebuild_switches_readers_only_while_its_building_pointer_holds() {
+    let url = hooklog_e2e::shared_stack().redis_url.clone();
+    let store = Store::connect(&url, &hooklog_e2e::unique("e2e:switch:"), 600)
+        .await
+        .unwrap();
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let get = |conn: &mut redis::Connection, key: String| -> Option<u64> {
+        redis::cmd("GET").arg(key).query(conn).unwrap()
+    };
+    let (current, building) = (store.current_key("orders"), store.building_key("orders"));
+
+    // No `building` (lapsed), then one naming another version: refused.
+    assert!(!switch(&store, "orders", 2, 1, 1_000).await.unwrap());
+    redis::cmd("SET")
+        .arg(&building)
+        .arg(3)
+        .query::<()>(&mut conn)
+        .unwrap();
+    assert!(!switch(&store, "orders", 2, 1, 1_000).await.unwrap());
+    assert_eq!(get(&mut conn, current.clone()), None);
+    assert_eq!(get(&mut conn, building.clone()), Some(3));
+
+    // Its own: switched, `building` gone, the previous version listed as
+    // deletable from the given time.
+    assert!(switch(&store, "orders", 3, 1, 1_000).await.unwrap());
+    assert_eq!(get(&mut conn, current), Some(3));
+    assert_eq!(get(&mut conn, building), None);
+    let listed: Vec<(u64, u64)> = redis::cmd("ZRANGE")
+        .arg(store.versions_key("orders"))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(listed, vec![(1, 1_000)]);
 }

@@ -6,7 +6,8 @@
 //! | key | what |
 //! |---|---|
 //! | `P{NAME}:current` | current version (absent = 1); readers follow it |
-//! | `P{NAME}:building` | version a rebuild is filling (live applies dual-write) |
+//! | `P{NAME}:building` | version a rebuild is filling (live applies dual-write); a lease the rebuild renews |
+//! | `P{NAME}:versions` | versions that may hold keys (sorted set: version → Unix ms from which a rebuild may delete it unless current) |
 //! | `P{NAME}:v<N>:e:<entity key>` | entity hash: fields (JSON text), `~c:<f>` clocks (only where not `~updated`; see [`super::fold`]), `~r:<f>` ranks, `~updated`, `~rev` |
 //! | `P{NAME}:v<N>:seen:<bucket start>` | set of the event ids applied in that time bucket, expiring `dedup_window_secs` after the bucket ends |
 //! | `P{NAME}:v<N>:seen` | index of the live buckets (sorted set: bucket key → expiry) |
@@ -341,6 +342,13 @@ impl Store {
     /// Key of the building-version pointer.
     pub fn building_key(&self, projection: &str) -> String {
         format!("{}:building", self.base(projection))
+    }
+
+    /// Key of the list of versions that may hold keys (sorted set: version
+    /// → Unix ms from which it may be deleted unless current; see
+    /// `rebuild`).
+    pub fn versions_key(&self, projection: &str) -> String {
+        format!("{}:versions", self.base(projection))
     }
 
     /// Keys of a projection's write counters: (this process's, anyone's).
