@@ -27,11 +27,22 @@ impl ReplicaWait {
     /// `WAIT` on `conn`, the connection that wrote: an error (to retry)
     /// when fewer replicas than asked have its writes within the timeout.
     pub async fn wait(&self, conn: &mut impl redis::aio::ConnectionLike) -> Result<(), RedisError> {
-        let acked: u32 = redis::cmd("WAIT")
-            .arg(self.replicas)
-            .arg(self.timeout_ms)
-            .query_async(conn)
-            .await?;
+        let acked: u32 = self.command().query_async(conn).await?;
+        self.check(acked)
+    }
+
+    /// The `WAIT` command, for callers that send it last in the pipeline
+    /// that wrote: one request on one connection, so no reconnect can come
+    /// between the writes and the wait (it would then cover nothing).
+    pub fn command(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(self.replicas).arg(self.timeout_ms);
+        cmd
+    }
+
+    /// `WAIT`'s reply: an error (to retry) when fewer replicas than asked
+    /// acknowledged.
+    pub fn check(&self, acked: u32) -> Result<(), RedisError> {
         if acked < self.replicas {
             return Err(RedisError::from((
                 ErrorKind::TryAgain,
@@ -63,5 +74,17 @@ mod tests {
                 timeout_ms: 250
             })
         );
+    }
+
+    #[test]
+    fn fewer_replicas_than_asked_is_an_error_to_retry() {
+        let wait = ReplicaWait {
+            replicas: 2,
+            timeout_ms: 250,
+        };
+        assert!(wait.check(2).is_ok() && wait.check(3).is_ok());
+        let e = wait.check(1).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TryAgain);
+        assert!(e.to_string().contains("1 of 2 within 250 ms"), "{e}");
     }
 }

@@ -154,11 +154,6 @@ impl Queue {
             }
             other => other,
         }?;
-        if let Some(wait) = self.replica_wait {
-            // The connection manager's clones share one connection: the one
-            // that wrote.
-            wait.wait(&mut self.writes.clone()).await?;
-        }
         Ok(created)
     }
 
@@ -179,9 +174,19 @@ impl Queue {
                 .arg(j.event_id)
                 .arg(j.traceparent.unwrap_or(""));
         }
+        // The wait for replicas goes in the same pipeline: a connection
+        // manager may reconnect between two requests, and a `WAIT` on a
+        // new connection would cover none of the writes.
+        if let Some(wait) = self.replica_wait {
+            pipe.add_command(wait.command());
+        }
         let mut conn = self.writes.clone();
-        let created: Vec<u64> = pipe.query_async(&mut conn).await?;
-        Ok(created.iter().sum())
+        let mut replies: Vec<u64> = pipe.query_async(&mut conn).await?;
+        if let Some(wait) = self.replica_wait {
+            let acked = replies.pop().unwrap_or_default();
+            wait.check(acked as u32)?;
+        }
+        Ok(replies.iter().sum())
     }
 
     /// Claims up to `n` due jobs of `sub` until `lease_until_ms`.
