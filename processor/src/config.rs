@@ -326,9 +326,26 @@ impl ConfigFile for Config {
 impl Config {
     /// The raw topics to consume.
     pub fn raw_topics(&self) -> Vec<String> {
-        let mut t: Vec<String> = self
-            .sources
-            .iter()
+        self.topics_of(self.sources.iter())
+    }
+
+    /// The raw topics that can hold events `spec` applies: those of the
+    /// sources its rules name, or every raw topic when a rule takes any
+    /// source. A rebuild of `spec` replays only these.
+    pub fn raw_topics_of(&self, spec: &ProjectionSpec) -> Vec<String> {
+        if spec.rules.iter().any(|r| r.source.is_none()) {
+            return self.raw_topics();
+        }
+        let named = |s: &&SourceRef| {
+            spec.rules
+                .iter()
+                .any(|r| r.source.as_ref() == Some(&s.name))
+        };
+        self.topics_of(self.sources.iter().filter(named))
+    }
+
+    fn topics_of<'a>(&self, sources: impl Iterator<Item = &'a SourceRef>) -> Vec<String> {
+        let mut t: Vec<String> = sources
             .map(|s| {
                 s.topic
                     .clone()
@@ -374,6 +391,52 @@ mod tests {
         assert!(cfg.redis.watched_commits);
         let cfg = Config::from_toml("[redis]\nwatched_commits = false").unwrap();
         assert!(!cfg.redis.watched_commits);
+    }
+
+    #[test]
+    fn a_projection_replays_only_the_topics_of_the_sources_it_names() {
+        let cfg = Config::from_toml(
+            r#"
+            [[source]]
+            name = "stripe"
+            [[source]]
+            name = "shop"
+            topic = "shared.raw"
+            [[source]]
+            name = "shop-eu"
+            topic = "shared.raw"
+            [[source]]
+            name = "github"
+            [[projection]]
+            name = "charges"
+            [[projection.rule]]
+            source = "stripe"
+            event_type = "charge.succeeded"
+            key = "/id"
+            [[projection.rule]]
+            source = "shop-eu"
+            event_type = "order.paid"
+            key = "/id"
+            [[projection]]
+            name = "anything"
+            [[projection.rule]]
+            source = "stripe"
+            event_type = "charge.succeeded"
+            key = "/id"
+            [[projection.rule]]
+            event_type = "push"
+            key = "/id"
+            "#,
+        )
+        .unwrap();
+        let all = vec!["shared.raw", "webhooks.raw.github", "webhooks.raw.stripe"];
+        assert_eq!(cfg.raw_topics(), all);
+        let charges = cfg.projection("charges").unwrap();
+        assert_eq!(
+            cfg.raw_topics_of(charges),
+            vec!["shared.raw", "webhooks.raw.stripe"]
+        );
+        assert_eq!(cfg.raw_topics_of(cfg.projection("anything").unwrap()), all);
     }
 
     #[test]

@@ -570,7 +570,7 @@ async fn replay(
     let mut highs = Highs::new();
     let mut tpl = TopicPartitionList::new();
     let mut total: i64 = 0;
-    for topic in config.raw_topics() {
+    for topic in config.raw_topics_of(spec) {
         let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
             anyhow::bail!("raw topic {topic} does not exist");
         };

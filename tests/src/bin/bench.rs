@@ -735,7 +735,7 @@ async fn main() {
     let (replayed, replay_secs) = replay_figures(&out).expect("rebuild reports its replay");
     let rebuild_rate = replayed / replay_secs;
     let rebuild_note = format!(
-        "the rebuild replayed {replayed:.0} records (every raw topic) in {replay_secs:.1} s; the whole command, with process start and the deletion of the old version, took {rebuild_wall:.1} s"
+        "the rebuild replayed {replayed:.0} records (those of the raw topics of the customers' sources, Stripe and accounts: a rebuild reads only the topics its projection's rules can match) in {replay_secs:.1} s; the whole command, with process start and the deletion of the old version, took {rebuild_wall:.1} s"
     );
     println!("rebuild: {rebuild_note}");
     processor.kill();
