@@ -66,6 +66,13 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         lease_secs: u64,
     },
+    /// Delete the versions interrupted rebuilds left (a rebuild does this
+    /// first anyway).
+    Prune {
+        /// Projection name.
+        #[arg(long)]
+        projection: String,
+    },
     /// Rebuild into a scratch version and compare it with the live one;
     /// exits 1 on any difference.
     Verify {
@@ -149,6 +156,15 @@ async fn main() -> anyhow::Result<()> {
             }
             let n = rebuild::delete_version(&store, &projection, r.previous).await?;
             println!("deleted version {} ({n} keys)", r.previous);
+            Ok(())
+        }
+        Command::Prune { projection } => {
+            let (store, _) = prepare(&config, &projection).await?;
+            let removed = rebuild::prune(&store, &projection).await?;
+            match removed.as_slice() {
+                [] => println!("{projection}: nothing to delete"),
+                versions => println!("{projection}: deleted versions {versions:?}"),
+            }
             Ok(())
         }
         Command::Verify { projection } => {

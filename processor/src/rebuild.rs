@@ -117,29 +117,10 @@ pub async fn run(
 ) -> anyhow::Result<Report> {
     let name = spec.name.as_str();
     let mut conn = store.connection();
-    let base = store.version_prefix(name, 0);
-    let base = base.trim_end_matches("v0").to_owned();
-    let lock_key = format!("{base}rebuild_lock");
-    let token = format!(
-        "{}-{}",
-        std::process::id(),
-        chrono::Utc::now().timestamp_millis()
-    );
-    let locked: bool = redis::cmd("SET")
-        .arg(&lock_key)
-        .arg(&token)
-        .arg("NX")
-        .arg("EX")
-        .arg(LOCK_TTL_SECS)
-        .query_async::<Option<String>>(&mut conn)
-        .await?
-        .is_some();
-    if !locked {
-        anyhow::bail!("a rebuild or verify of {name} is already running (lock {lock_key})");
-    }
+    let lock = Lock::acquire(store, name).await?;
     remove_orphans(store, name).await?;
     let previous = store.current_version(name).await?;
-    let counter = format!("{base}version_counter");
+    let counter = format!("{}:version_counter", store.base(name));
     let _: bool = conn.set_nx(&counter, previous).await?;
     let version: u64 = conn.incr(&counter, 1).await?;
     let lease_ms = options.lease.as_millis().max(1) as u64;
@@ -161,16 +142,6 @@ pub async fn run(
         "Rebuild started; live applies now dual-write."
     );
 
-    let lock_refresh = tokio::spawn({
-        let mut conn = store.connection();
-        let lock_key = lock_key.clone();
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(LOCK_TTL_SECS / 3)).await;
-                let _: Result<(), _> = conn.expire(&lock_key, LOCK_TTL_SECS as i64).await;
-            }
-        }
-    });
     let lease_renewal = tokio::spawn(renew_lease(
         store.clone(),
         name.to_owned(),
@@ -207,8 +178,7 @@ pub async fn run(
                         Ok(false) => Err(lapsed(name, version)),
                         Err(e) => {
                             lease_renewal.abort();
-                            lock_refresh.abort();
-                            let _: Result<(), _> = conn.del(&lock_key).await;
+                            lock.release().await;
                             return Err(anyhow::Error::new(e).context(format!(
                                 "switching readers of {name} to version {version}"
                             )));
@@ -260,9 +230,89 @@ pub async fn run(
         }
     };
     lease_renewal.abort();
-    lock_refresh.abort();
-    let _: Result<(), _> = conn.del(&lock_key).await;
+    lock.release().await;
     outcome.map(|_| report)
+}
+
+/// `P{NAME}:rebuild_lock`: one rebuild, verify or prune of a projection at
+/// a time. It expires unless renewed, so a killed holder frees it within
+/// [`LOCK_TTL_SECS`].
+struct Lock {
+    store: Store,
+    key: String,
+    token: String,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Lock {
+    async fn acquire(store: &Store, projection: &str) -> anyhow::Result<Lock> {
+        let key = format!("{}:rebuild_lock", store.base(projection));
+        let token = format!(
+            "{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_millis()
+        );
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("EX")
+            .arg(LOCK_TTL_SECS)
+            .query_async(&mut store.connection())
+            .await?;
+        if locked.is_none() {
+            anyhow::bail!(
+                "a rebuild, verify or prune of {projection} is already running (lock {key})"
+            );
+        }
+        let renewal = tokio::spawn({
+            let mut conn = store.connection();
+            let key = key.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(LOCK_TTL_SECS / 3)).await;
+                    let _: Result<(), _> = conn.expire(&key, LOCK_TTL_SECS as i64).await;
+                }
+            }
+        });
+        Ok(Lock {
+            store: store.clone(),
+            key,
+            token,
+            renewal,
+        })
+    }
+
+    /// Stops renewing and removes the lock if it is still this one's.
+    async fn release(self) {
+        self.renewal.abort();
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end return 0",
+        );
+        let _: Result<i64, _> = script
+            .key(&self.key)
+            .arg(&self.token)
+            .invoke_async(&mut self.store.connection())
+            .await;
+    }
+}
+
+/// A lock dropped without [`Lock::release`] (an early error) stops being
+/// renewed and expires on its own.
+impl Drop for Lock {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
+/// Deletes what interrupted rebuilds left of `projection` (see
+/// [`remove_orphans`]) without starting one, under the rebuild lock.
+/// Returns the versions deleted.
+pub async fn prune(store: &Store, projection: &str) -> anyhow::Result<Vec<u64>> {
+    let lock = Lock::acquire(store, projection).await?;
+    let removed = remove_orphans(store, projection).await;
+    lock.release().await;
+    removed
 }
 
 /// The error of a rebuild whose `building` pointer stopped naming its
@@ -343,8 +393,9 @@ pub async fn switch(
 /// not lapsed yet, is removed: the caller holds the rebuild lock), and the
 /// versions listed in `P{NAME}:versions` that are due and not current (a
 /// rebuild killed during its grace period left its previous version).
-async fn remove_orphans(store: &Store, projection: &str) -> anyhow::Result<()> {
+async fn remove_orphans(store: &Store, projection: &str) -> anyhow::Result<Vec<u64>> {
     let mut conn = store.connection();
+    let mut removed = Vec::new();
     if let Some(stale) = store.building_version(projection).await? {
         warn!(
             projection,
@@ -353,6 +404,7 @@ async fn remove_orphans(store: &Store, projection: &str) -> anyhow::Result<()> {
         );
         let _: () = conn.del(store.building_key(projection)).await?;
         delete_version(store, projection, stale).await?;
+        removed.push(stale);
     }
     let current = store.current_version(projection).await?;
     let now = chrono::Utc::now().timestamp_millis();
@@ -365,8 +417,9 @@ async fn remove_orphans(store: &Store, projection: &str) -> anyhow::Result<()> {
             version, "Removing a version no reader follows (left by an interrupted rebuild)."
         );
         delete_version(store, projection, version).await?;
+        removed.push(version);
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// Removes the `building` pointer of `projection` if it still names

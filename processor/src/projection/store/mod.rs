@@ -330,7 +330,7 @@ impl Store {
     }
 
     /// `P{NAME}`.
-    fn base(&self, projection: &str) -> String {
+    pub fn base(&self, projection: &str) -> String {
         format!("{}{{{projection}}}", self.prefix)
     }
 
