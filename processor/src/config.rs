@@ -397,35 +397,24 @@ mod tests {
     fn a_projection_replays_only_the_topics_of_the_sources_it_names() {
         let cfg = Config::from_toml(
             r#"
-            [[source]]
-            name = "stripe"
-            [[source]]
-            name = "shop"
-            topic = "shared.raw"
-            [[source]]
-            name = "shop-eu"
-            topic = "shared.raw"
-            [[source]]
-            name = "github"
+            source = [
+                { name = "stripe" },
+                { name = "shop", topic = "shared.raw" },
+                { name = "shop-eu", topic = "shared.raw" },
+                { name = "github" },
+            ]
             [[projection]]
             name = "charges"
-            [[projection.rule]]
-            source = "stripe"
-            event_type = "charge.succeeded"
-            key = "/id"
-            [[projection.rule]]
-            source = "shop-eu"
-            event_type = "order.paid"
-            key = "/id"
+            rule = [
+                { source = "stripe", event_type = "charge.succeeded", key = "/id" },
+                { source = "shop-eu", event_type = "order.paid", key = "/id" },
+            ]
             [[projection]]
             name = "anything"
-            [[projection.rule]]
-            source = "stripe"
-            event_type = "charge.succeeded"
-            key = "/id"
-            [[projection.rule]]
-            event_type = "push"
-            key = "/id"
+            rule = [
+                { source = "stripe", event_type = "charge.succeeded", key = "/id" },
+                { event_type = "push", key = "/id" },
+            ]
             "#,
         )
         .unwrap();
