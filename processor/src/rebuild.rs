@@ -286,14 +286,7 @@ impl Lock {
     /// Stops renewing and removes the lock if it is still this one's.
     async fn release(self) {
         self.renewal.abort();
-        let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end return 0",
-        );
-        let _: Result<i64, _> = script
-            .key(&self.key)
-            .arg(&self.token)
-            .invoke_async(&mut self.store.connection())
-            .await;
+        let _ = delete_if(&self.store, &self.key, &self.token).await;
     }
 }
 
@@ -428,15 +421,20 @@ async fn remove_orphans(store: &Store, projection: &str) -> anyhow::Result<Vec<u
 /// `version`, and Redis refuses any write into it. True when it still
 /// named `version`.
 async fn stop_building(store: &Store, projection: &str, version: u64) -> anyhow::Result<bool> {
+    Ok(delete_if(store, &store.building_key(projection), &version.to_string()).await?)
+}
+
+/// Deletes `key` if it holds `value`, in one atomic step; true if it did.
+async fn delete_if(store: &Store, key: &str, value: &str) -> Result<bool, redis::RedisError> {
     let script = redis::Script::new(
         "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end return 0",
     );
-    let held: i64 = script
-        .key(store.building_key(projection))
-        .arg(version)
+    let deleted: i64 = script
+        .key(key)
+        .arg(value)
         .invoke_async(&mut store.connection())
         .await?;
-    Ok(held == 1)
+    Ok(deleted == 1)
 }
 
 /// Calls `each` with every batch of keys matching `pattern`, using SCAN
