@@ -299,7 +299,7 @@ impl Drop for Lock {
 }
 
 /// Deletes what interrupted rebuilds left of `projection` (see
-/// [`remove_orphans`]) without starting one, under the rebuild lock.
+/// `remove_orphans`) without starting one, under the rebuild lock.
 /// Returns the versions deleted.
 pub async fn prune(store: &Store, projection: &str) -> anyhow::Result<Vec<u64>> {
     let lock = Lock::acquire(store, projection).await?;
