@@ -388,11 +388,19 @@ async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
 
     // Run it again once the dead rebuild's lock expired: it deletes the
     // partial version and completes; killed during its grace period, it
-    // leaves version 1 behind.
+    // leaves version 1 behind. The grace is long enough for the checks
+    // within it on a loaded machine.
+    const GRACE: Duration = Duration::from_secs(15);
     let mut second = eventually("a second rebuild", Duration::from_secs(60), || async {
         let mut second = env.processor_command(
             "rebuild-2",
-            &["rebuild", "--projection", "customers", "--grace-secs", "4"],
+            &[
+                "rebuild",
+                "--projection",
+                "customers",
+                "--grace-secs",
+                &GRACE.as_secs().to_string(),
+            ],
         );
         second.start();
         let started = std::time::Instant::now();
@@ -409,6 +417,7 @@ async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
         None
     })
     .await;
+    let switched = std::time::Instant::now();
     second.kill();
     let out = second.log_text();
     assert!(out.contains("3100 records replayed"), "{out}");
@@ -439,7 +448,11 @@ async fn a_rebuild_killed_half_way_leaves_readers_on_the_old_version() {
         !version_keys(&mut conn, &env, "customers", 1).is_empty(),
         "version 1 deleted during its grace period"
     );
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        switched.elapsed() < GRACE,
+        "too slow to check the grace period"
+    );
+    tokio::time::sleep((GRACE + Duration::from_secs(1)).saturating_sub(switched.elapsed())).await;
     let (ok, out) = prune();
     assert!(
         ok && out.contains("customers: deleted versions [1]"),
