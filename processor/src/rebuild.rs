@@ -826,7 +826,7 @@ async fn apply_replayed_shard(
         }
         if e.code() == Some(NOT_BUILDING) {
             anyhow::bail!(
-                "{} (its `building` pointer was removed or changed while it ran); stopping",
+                "{} (its `building` pointer lapsed, or was removed or changed while it ran); stopping",
                 e.detail().unwrap_or(NOT_BUILDING)
             );
         }

@@ -92,7 +92,8 @@ async fn manager(client: &redis::Client) -> Result<ConnectionManager, RedisError
 
 /// The code of the error an apply into a rebuild's version returns once
 /// that version is no longer the one being built: a failed rebuild's
-/// clean-up (or an operator) removed the `building` pointer. Its writes are
+/// clean-up (or an operator) removed the `building` pointer, or its lease
+/// lapsed (the rebuild stopped renewing it). Its writes are
 /// refused from that moment on, so nothing lands in a version being
 /// deleted.
 pub const NOT_BUILDING: &str = "NOTBUILDING";
