@@ -53,12 +53,50 @@ impl Record {
         }
     }
 
+    /// The bytes the record holds: its key, value and headers (what a
+    /// batch's byte limit counts).
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// The default byte limit of a batch (`processor.batch_max_bytes`): 16 MiB,
+/// above the 10,000 records of ~1 KB that a catch-up batch holds at most
+/// in our benchmarks, so it only cuts batches of large records.
+pub const DEFAULT_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// When a batch being filled is full: at `records` records, or once its
+/// records hold `bytes` bytes (see [`Record::size`]). The byte limit keeps
+/// the memory of the batches in flight bounded when records are large (a
+/// 1 MiB webhook body times 500 records is half a gigabyte); a batch may go
+/// past it by its last record, and always holds at least one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchLimit {
+    /// Records per batch.
+    pub records: usize,
+    /// Bytes per batch.
+    pub bytes: usize,
+}
+
+impl BatchLimit {
+    /// True when a batch of `records` records holding `bytes` bytes takes
+    /// no more.
+    pub fn full(&self, records: usize, bytes: usize) -> bool {
+        records >= self.records || bytes >= self.bytes
     }
 }
 
@@ -188,5 +226,38 @@ mod tests {
         assert_eq!(plan.poison.len(), 1);
         assert_eq!(plan.poison[0].0, 2);
         assert_eq!(plan.unmatched, 0);
+    }
+
+    #[test]
+    fn a_record_counts_its_key_value_and_headers() {
+        let r = Record {
+            topic: "a-long-topic-name-that-is-not-counted".into(),
+            partition: 3,
+            offset: 7,
+            key: Some(b"key".to_vec()),
+            payload: Some(vec![0; 1000]),
+            headers: vec![("h".into(), b"12345".to_vec())],
+        };
+        assert_eq!(r.size(), 3 + 1000 + 1 + 5);
+        let empty = Record {
+            key: None,
+            payload: None,
+            headers: Vec::new(),
+            ..r
+        };
+        assert_eq!(empty.size(), 0);
+    }
+
+    #[test]
+    fn a_batch_is_full_at_its_record_count_or_its_bytes() {
+        let limit = BatchLimit {
+            records: 500,
+            bytes: 64 * 1024,
+        };
+        assert!(!limit.full(1, 1_000));
+        assert!(!limit.full(499, 64 * 1024 - 1));
+        assert!(limit.full(500, 10));
+        assert!(limit.full(3, 64 * 1024));
+        assert!(limit.full(1, 1 << 30));
     }
 }

@@ -50,6 +50,11 @@ pub struct ProcessorConfig {
     /// Records per Redis pipeline / commit step.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Bytes of records (keys, values, headers) per batch: a batch ends at
+    /// `batch_size` records or at this many bytes, whichever comes first,
+    /// so large records cannot make the batches in flight outgrow memory.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
     /// How long a batch waits to fill before it is processed anyway.
     #[serde(default = "default_batch_wait_ms")]
     pub batch_wait_ms: u64,
@@ -72,6 +77,9 @@ fn default_group_id() -> String {
 const fn default_batch_size() -> usize {
     500
 }
+const fn default_batch_max_bytes() -> usize {
+    crate::batch::DEFAULT_MAX_BYTES
+}
 const fn default_batch_wait_ms() -> u64 {
     20
 }
@@ -88,6 +96,7 @@ impl Default for ProcessorConfig {
             listen: default_listen(),
             group_id: default_group_id(),
             batch_size: default_batch_size(),
+            batch_max_bytes: default_batch_max_bytes(),
             batch_wait_ms: default_batch_wait_ms(),
             dedup_window_secs: default_dedup_window_secs(),
             partitions: default_partitions(),
@@ -281,6 +290,9 @@ impl ConfigFile for Config {
         if self.processor.batch_size == 0 {
             return Err(ConfigError("processor.batch_size must be > 0".into()));
         }
+        if self.processor.batch_max_bytes == 0 {
+            return Err(ConfigError("processor.batch_max_bytes must be > 0".into()));
+        }
         if let Some(ca) = &self.redis.tls_ca_file {
             if !self.redis.url.starts_with("rediss://") {
                 return Err(ConfigError(
@@ -388,6 +400,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.raw_topics(), vec!["webhooks.raw.stripe".to_string()]);
         assert_eq!(cfg.processor.batch_size, 500);
+        assert_eq!(cfg.processor.batch_max_bytes, 16 * 1024 * 1024);
         assert!(cfg.redis.watched_commits);
         let cfg = Config::from_toml("[redis]\nwatched_commits = false").unwrap();
         assert!(!cfg.redis.watched_commits);
@@ -457,6 +470,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("redis.wait_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn rejects_empty_batches() {
+        for key in ["batch_size", "batch_max_bytes"] {
+            let err = Config::from_toml(&format!("[processor]\n{key} = 0"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("processor.{key} must be > 0")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -39,6 +39,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::batch::BatchLimit;
 use crate::config::Config;
 use crate::consume::{Health, Pipeline};
 use crate::metrics::Metrics;
@@ -238,7 +239,10 @@ pub async fn run(
         publisher: publisher.clone(),
         metrics,
         health,
-        batch_size: config.processor.batch_size,
+        batch: BatchLimit {
+            records: config.processor.batch_size,
+            bytes: config.processor.batch_max_bytes,
+        },
         batch_wait: Duration::from_millis(config.processor.batch_wait_ms),
     };
     Arc::new(pipeline).run(consumer, shutdown.clone()).await?;

@@ -33,7 +33,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use redis::AsyncCommands;
 use tracing::{info, warn};
 
-use crate::batch::{plan, Record};
+use crate::batch::{plan, BatchLimit, Record};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::projection::spec::{ProjectionSpec, Update};
@@ -105,6 +105,11 @@ const IN_FLIGHT: usize = 3;
 /// writes per event; IN_FLIGHT batches of ~1 KB records stay well under
 /// 100 MB.
 const REPLAY_BATCH: usize = 20_000;
+
+/// Bytes of records per replayed batch: with large records a batch ends
+/// here first, so IN_FLIGHT batches hold about 100 MB at most whatever the
+/// records' size (20,000 records of ~1 KB are ~21 MB).
+const REPLAY_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// Runs a rebuild or verify of `spec`.
 pub async fn run(
@@ -643,13 +648,16 @@ async fn replay(
     let mut last_print = Instant::now();
     let mut done: u64 = 0;
     let mut below_high: u64 = 0;
-    let batch_size = options
-        .max_records_per_sec
-        .map_or(REPLAY_BATCH, |r| (r as usize / 10).clamp(1, REPLAY_BATCH));
+    let limit = BatchLimit {
+        records: options
+            .max_records_per_sec
+            .map_or(REPLAY_BATCH, |r| (r as usize / 10).clamp(1, REPLAY_BATCH)),
+        bytes: REPLAY_BATCH_BYTES,
+    };
     let mut in_flight = InFlight::default();
     let write_turns: WriteTurns = Arc::new(std::array::from_fn(|_| Default::default()));
     while !targets.is_empty() {
-        let mut batch: Vec<Record> = Vec::with_capacity(batch_size);
+        let mut batch: Vec<Record> = Vec::with_capacity(limit.records);
         let first = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
             .map_err(|_| {
@@ -661,9 +669,14 @@ async fn replay(
         // Headers only feed the replay's trace links.
         let with_headers = hooklog_schemas::telemetry::enabled();
         batch.push(Record::copy_of(&first, with_headers));
-        while batch.len() < batch_size {
+        let mut bytes = batch[0].size();
+        while !limit.full(batch.len(), bytes) {
             match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(Record::copy_of(&m, with_headers)),
+                Ok(Ok(m)) => {
+                    let record = Record::copy_of(&m, with_headers);
+                    bytes += record.size();
+                    batch.push(record);
+                }
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => break,
             }

@@ -304,6 +304,55 @@ async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
     assert_sums(&env, &expected).await;
 }
 
+/// A batch ends at `processor.batch_max_bytes` as well as at `batch_size`:
+/// a backlog of large records is applied in small batches, so the
+/// processor's memory stays bounded whatever the records' size.
+#[tokio::test]
+async fn a_backlog_of_large_records_is_applied_in_batches_bounded_by_bytes() {
+    let s = shared_stack();
+    // A long batch wait: without the byte limit the whole backlog would
+    // make one batch.
+    let env = TestEnv::on(
+        "proc-bytes",
+        &s.brokers,
+        &s.redis_url,
+        "[processor]\nbatch_size = 500\nbatch_wait_ms = 2000\nbatch_max_bytes = 65536",
+    );
+    env.create_topics();
+    let customer = format!("cus_{}", env.id.replace('-', ""));
+    let padding = "x".repeat(20_000);
+    let records: Records = (0..40)
+        .map(|i| {
+            let id = format!("evt_{}_{i}", env.id);
+            let charge = format!("ch_{}_{i}", env.id);
+            let body = events::stripe_charge(&id, &charge, &customer, 100, 1_740_830_400 + i);
+            // A large field no rule reads: ~20 KB per record.
+            let body = format!("{{\"padding\":\"{padding}\",{}", &body[1..]);
+            let event = raw("stripe", "stripe", &id, "charge.succeeded", &body);
+            (id, event.encode())
+        })
+        .collect();
+    kafka::produce_all(
+        &kafka::producer(&env.brokers),
+        &env.topic("stripe"),
+        &records,
+    )
+    .await;
+    let _processor = env.processor();
+    assert_sums(&env, &HashMap::from([(customer, (4_000, 40))])).await;
+    // Four records of ~20 KB reach 64 KiB: at least ten batches.
+    let batches = metric(
+        &env.processor_url(),
+        "hooklog_processor_apply_batch_duration_seconds_count",
+        &[],
+    )
+    .await;
+    assert!(
+        batches >= 10.0,
+        "{batches} batches for 40 records of ~20 KB"
+    );
+}
+
 #[tokio::test]
 async fn redis_outage_pauses_and_resumes_without_loss() {
     let mut stack = Stack::start();

@@ -14,7 +14,7 @@ use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::batch::Record;
+use crate::batch::{BatchLimit, Record};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -86,10 +86,10 @@ pub fn group_consumer(config: &Config, group_id: &str) -> Result<GroupConsumer, 
 }
 
 /// Waits for the next batch: the first record, then as many as arrive
-/// within `wait`, up to `size`. None on shutdown.
+/// within `wait`, until `limit` says it is full. None on shutdown.
 pub async fn next_batch(
     consumer: &GroupConsumer,
-    size: usize,
+    limit: BatchLimit,
     wait: Duration,
     shutdown: &CancellationToken,
 ) -> Option<Vec<Record>> {
@@ -106,11 +106,16 @@ pub async fn next_batch(
             }
         }
     };
+    let mut bytes = first.size();
     let mut batch: Vec<Record> = vec![first];
     let deadline = tokio::time::Instant::now() + wait;
-    while batch.len() < size {
+    while !limit.full(batch.len(), bytes) {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(Record::copy_of(&m, true)),
+            Ok(Ok(m)) => {
+                let record = Record::copy_of(&m, true);
+                bytes += record.size();
+                batch.push(record);
+            }
             Ok(Err(e)) => warn!(error = %e, "Consumer error."),
             Err(_) => break,
         }

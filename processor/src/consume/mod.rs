@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::batch::{plan, Plan, Record};
+use crate::batch::{plan, BatchLimit, Plan, Record};
 use crate::changelog::Publisher;
 use crate::metrics::Metrics;
 use crate::projection::spec::ProjectionSpec;
@@ -46,8 +46,8 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     /// Health flags.
     pub health: Arc<Health>,
-    /// Records per batch.
-    pub batch_size: usize,
+    /// When a batch is full (records, bytes).
+    pub batch: BatchLimit,
     /// Max wait to fill a batch.
     pub batch_wait: Duration,
 }
@@ -189,7 +189,7 @@ impl Pipeline {
             unpublished.clone(),
         ));
         'batches: while let Some(batch) =
-            next_batch(&consumer, self.batch_size, self.batch_wait, &shutdown).await
+            next_batch(&consumer, self.batch, self.batch_wait, &shutdown).await
         {
             self.metrics.consumed(batch.len() as u64);
             let (planned, jobs) = self.plan_batch(batch, &unpublished);

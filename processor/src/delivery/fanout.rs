@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use super::metrics::DeliveryMetrics;
 use super::queue::{NewJob, Queue};
 use super::subscription::{Subscription, SubscriptionCache, SubscriptionStore};
+use crate::batch::{BatchLimit, DEFAULT_MAX_BYTES};
 use crate::consume::{self, Health};
 
 /// The fan-out loop's parts.
@@ -61,13 +62,20 @@ pub fn jobs<'a>(subs: &'a [Subscription], events: &'a [Traced]) -> Vec<NewJob<'a
     out
 }
 
+/// When a fan-out batch is full: every subscription's jobs for it are
+/// enqueued in one go.
+const BATCH: BatchLimit = BatchLimit {
+    records: 500,
+    bytes: DEFAULT_MAX_BYTES,
+};
+
 impl Fanout {
     /// Runs until `shutdown`.
     pub async fn run(&self, consumer: Arc<consume::GroupConsumer>, shutdown: CancellationToken) {
         self.health.running.store(true, Ordering::Relaxed);
         info!("Delivery fan-out consuming.");
         while let Some(batch) =
-            consume::next_batch(&consumer, 500, Duration::from_millis(20), &shutdown).await
+            consume::next_batch(&consumer, BATCH, Duration::from_millis(20), &shutdown).await
         {
             self.metrics.consumed(batch.len() as u64);
             // Undecodable records are the processor's to dead-letter.
