@@ -53,6 +53,12 @@ pub struct ServerConfig {
     /// Requests handled at once; beyond it ingest answers 429.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Bytes of request bodies handled at once (each counted at its
+    /// `Content-Length`, or at `max_body_bytes` without one); beyond it
+    /// ingest answers 429. Bounds ingest's memory: `max_in_flight` bodies
+    /// of `max_body_bytes` each would be 4 GiB at the defaults.
+    #[serde(default = "default_max_in_flight_bytes")]
+    pub max_in_flight_bytes: usize,
     /// Longest wait for the broker's ack before answering 503
     /// (librdkafka `message.timeout.ms`). Keep it below the providers'
     /// deadlines (Stripe and GitHub allow ~10 s).
@@ -71,6 +77,9 @@ fn default_listen() -> String {
 }
 const fn default_max_body_bytes() -> usize {
     1024 * 1024
+}
+const fn default_max_in_flight_bytes() -> usize {
+    32 * 1024 * 1024
 }
 const fn default_max_in_flight() -> usize {
     4096
@@ -94,6 +103,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             max_body_bytes: default_max_body_bytes(),
             max_in_flight: default_max_in_flight(),
+            max_in_flight_bytes: default_max_in_flight_bytes(),
             publish_timeout_ms: default_publish_timeout_ms(),
             retry_after_secs: default_retry_after_secs(),
             shutdown_grace_secs: default_shutdown_grace_secs(),
@@ -169,6 +179,22 @@ impl ConfigFile for Config {
             return Err(ConfigError(
                 "server.max_in_flight and server.max_body_bytes must be > 0".into(),
             ));
+        }
+        if self.server.max_in_flight_bytes < self.server.max_body_bytes {
+            return Err(ConfigError(
+                "server.max_in_flight_bytes must be at least server.max_body_bytes (else the largest body allowed could never be taken)".into(),
+            ));
+        }
+        if u32::try_from(self.server.max_body_bytes).is_err() {
+            return Err(ConfigError(
+                "server.max_body_bytes must be below 4 GiB".into(),
+            ));
+        }
+        let most = tokio::sync::Semaphore::MAX_PERMITS;
+        if self.server.max_in_flight > most || self.server.max_in_flight_bytes > most {
+            return Err(ConfigError(format!(
+                "server.max_in_flight and server.max_in_flight_bytes must be at most {most}"
+            )));
         }
         for s in &self.sources {
             let valid_name = !s.name.is_empty()
@@ -283,6 +309,27 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn in_flight_bytes_hold_the_largest_body() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg.server.max_in_flight_bytes, 32 * 1024 * 1024);
+        let err = Config::from_toml("[server]\nmax_body_bytes = 2048\nmax_in_flight_bytes = 1024")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("max_in_flight_bytes must be at least"),
+            "{err}"
+        );
+        assert!(
+            Config::from_toml("[server]\nmax_body_bytes = 2048\nmax_in_flight_bytes = 2048")
+                .is_ok()
+        );
+        let err = Config::from_toml("[server]\nmax_in_flight_bytes = 9000000000000000000")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most"), "{err}");
     }
 
     #[test]

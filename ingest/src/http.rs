@@ -58,6 +58,10 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Bounds requests in flight (429 beyond).
     pub in_flight: Semaphore,
+    /// Bounds the bytes of the bodies in flight (429 beyond): one permit a
+    /// byte, a body counted at its `Content-Length` (else at the largest
+    /// allowed).
+    pub in_flight_bytes: Semaphore,
     /// `server.max_body_bytes`.
     pub max_body_bytes: usize,
     /// `server.retry_after_secs`.
@@ -197,7 +201,12 @@ async fn handle(
         state.metrics.in_flight().dec();
     });
 
-    let body = read_body(headers, body, state.max_body_bytes).await?;
+    let room = body_room(headers, state.max_body_bytes)?;
+    let _room = state.in_flight_bytes.try_acquire_many(room).map_err(|_| {
+        warn!(source = %source.name, reason = "in_flight_bytes_limit", bytes = room, "Request refused.");
+        ApiError::TooManyRequests { retry_after_secs }
+    })?;
+    let body = read_body(body, state.max_body_bytes).await?;
     let received_at_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -322,14 +331,25 @@ async fn handle(
 
 /// Reads the body, enforcing the limit while streaming (a lying or absent
 /// Content-Length cannot get past it).
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// The room a request's body takes among the bodies in flight: its
+/// `Content-Length` (HTTP/1 and HTTP/2 both hold a body to it), else `limit`,
+/// the most it may be. A declared length over `limit` is refused at once.
+fn body_room(headers: &HeaderMap, limit: usize) -> Result<u32, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::BodyTooLarge { limit });
-    }
+    let room = match declared {
+        Some(n) if n > limit as u64 => return Err(ApiError::BodyTooLarge { limit }),
+        Some(n) => n,
+        None => limit as u64,
+    };
+    // The configuration keeps `limit` below 4 GiB.
+    Ok(u32::try_from(room).unwrap_or(u32::MAX))
+}
+
+/// Reads the body, refusing it once it passes `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {

@@ -58,6 +58,7 @@ pub fn build_state(config: &Config, clock: Clock) -> anyhow::Result<Arc<AppState
         publisher,
         metrics: metrics::Metrics::default(),
         in_flight: Semaphore::new(config.server.max_in_flight),
+        in_flight_bytes: Semaphore::new(config.server.max_in_flight_bytes),
         max_body_bytes: config.server.max_body_bytes,
         retry_after_secs: config.server.retry_after_secs,
         clock,

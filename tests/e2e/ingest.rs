@@ -307,6 +307,61 @@ async fn rejections_have_their_status_and_store_nothing() {
     }
 }
 
+/// The bodies in flight are bounded in bytes as well as in number
+/// (`server.max_in_flight_bytes`): a body with no room left is refused with
+/// 429 and Retry-After before it is read, and the room comes back once the
+/// body holding it is done.
+#[tokio::test]
+async fn bodies_in_flight_are_bounded_in_bytes() {
+    use tokio::io::AsyncWriteExt;
+
+    let stack = hooklog_e2e::shared_stack();
+    let env = TestEnv::on(
+        "ingest-bytes",
+        &stack.brokers,
+        &stack.redis_url,
+        "[server]\nmax_body_bytes = 4096\nmax_in_flight_bytes = 4096",
+    );
+    env.create_topics();
+    let _ingest = env.ingest();
+    let (headers, body, _) = signed("fulfillment", "evt-bytes-before");
+    assert_eq!(post(&env, "fulfillment", &headers, body).await.status, 200);
+
+    // A client declares a 4,090-byte body and sends only its start: it
+    // holds 4,090 of the 4,096 bytes while ingest waits for the rest.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", env.ingest_port))
+        .await
+        .unwrap();
+    slow.write_all(
+        b"POST /webhooks/fulfillment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 4090\r\n\r\n{\"event_type\":",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (headers, body, _) = signed("fulfillment", "evt-bytes-refused");
+    let refused = post(&env, "fulfillment", &headers, body).await;
+    assert_eq!(refused.status, 429, "{}", refused.json);
+    assert_eq!(refused.json["error"], "too_many_requests");
+    assert_eq!(refused.retry_after.as_deref(), Some("2"));
+
+    // The slow client goes away: its room is given back.
+    drop(slow);
+    let mut status = 0;
+    for i in 0..20 {
+        let (headers, body, _) = signed("fulfillment", &format!("evt-bytes-after-{i}"));
+        status = post(&env, "fulfillment", &headers, body).await.status;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        status, 200,
+        "the room of a body that ended did not come back"
+    );
+}
+
 #[tokio::test]
 async fn broker_down_answers_503_then_recovers_without_restart() {
     // The broker goes away behind a proxy: see hooklog_e2e::proxy for why
