@@ -231,6 +231,16 @@ pub fn charge_stream(env: &TestEnv, n: usize, customers: usize) -> (Records, Exp
     (records, expected)
 }
 
+/// Writes `records` to the namespace's Stripe topic, every one acknowledged.
+async fn produce_stripe(env: &TestEnv, records: &[(String, Vec<u8>)]) {
+    kafka::produce_all(
+        &kafka::producer(&env.brokers),
+        &env.topic("stripe"),
+        records,
+    )
+    .await;
+}
+
 async fn assert_sums(env: &TestEnv, expected: &HashMap<String, (i64, i64)>) {
     for (customer, (sum, count)) in expected {
         let s = wait_state(env, "customers", customer, |s| {
@@ -290,12 +300,7 @@ async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
     let env = TestEnv::on("proc-kill", &stack.brokers, &stack.redis_url, "");
     env.create_topics();
     let (records, expected) = charge_stream(&env, 10_000, 40);
-    kafka::produce_all(
-        &kafka::producer(&env.brokers),
-        &env.topic("stripe"),
-        &records,
-    )
-    .await;
+    produce_stripe(&env, &records).await;
     let mut processor = env.processor();
     wait_applied(&env, 2000.0).await;
     processor.kill();
@@ -332,12 +337,7 @@ async fn a_backlog_of_large_records_is_applied_in_batches_bounded_by_bytes() {
             (id, event.encode())
         })
         .collect();
-    kafka::produce_all(
-        &kafka::producer(&env.brokers),
-        &env.topic("stripe"),
-        &records,
-    )
-    .await;
+    produce_stripe(&env, &records).await;
     let _processor = env.processor();
     assert_sums(&env, &HashMap::from([(customer, (4_000, 40))])).await;
     // Four records of ~20 KB reach 64 KiB: at least ten batches.
@@ -413,12 +413,7 @@ async fn poison_records_go_to_the_dlq_and_do_not_block() {
             raw("stripe", "stripe", "evt_dlq_ok", "charge.succeeded", &good).encode(),
         ),
     ];
-    kafka::produce_all(
-        &kafka::producer(&env.brokers),
-        &env.topic("stripe"),
-        &records,
-    )
-    .await;
+    produce_stripe(&env, &records).await;
     let _processor = env.processor();
     let s = wait_state(&env, "customers", &customer, |_| true).await;
     assert_eq!(s["state"]["total_charged"], 500);
