@@ -189,6 +189,11 @@ pub struct DeliveryConfig {
     /// Attempts in flight in all (per deliverer replica).
     #[serde(default = "default_delivery_max_in_flight")]
     pub max_in_flight: usize,
+    /// Bytes of event bodies in flight in all (per deliverer replica): an
+    /// attempt whose body has no room waits, unattempted, so large bodies
+    /// cannot make the attempts in flight outgrow memory.
+    #[serde(default = "default_delivery_max_in_flight_bytes")]
+    pub max_in_flight_bytes: usize,
     /// An endpoint failing without a single success for this long is
     /// disabled automatically.
     #[serde(default = "default_disable_after_secs")]
@@ -228,6 +233,9 @@ const fn default_endpoint_concurrency() -> usize {
 const fn default_delivery_max_in_flight() -> usize {
     512
 }
+const fn default_delivery_max_in_flight_bytes() -> usize {
+    64 * 1024 * 1024
+}
 const fn default_disable_after_secs() -> u64 {
     5 * 24 * 3600
 }
@@ -248,6 +256,7 @@ impl Default for DeliveryConfig {
             timeout_ms: default_delivery_timeout_ms(),
             endpoint_concurrency: default_endpoint_concurrency(),
             max_in_flight: default_delivery_max_in_flight(),
+            max_in_flight_bytes: default_delivery_max_in_flight_bytes(),
             disable_after_failing_secs: default_disable_after_secs(),
             rotation_grace_secs: default_rotation_grace_secs(),
             retention_secs: default_delivery_retention_secs(),
@@ -263,8 +272,15 @@ impl DeliveryConfig {
         if self.timeout_ms == 0 {
             return err("timeout_ms must be > 0");
         }
-        if self.endpoint_concurrency == 0 || self.max_in_flight == 0 {
-            return err("endpoint_concurrency and max_in_flight must be > 0");
+        if self.endpoint_concurrency == 0
+            || self.max_in_flight == 0
+            || self.max_in_flight_bytes == 0
+        {
+            return err("endpoint_concurrency, max_in_flight and max_in_flight_bytes must be > 0");
+        }
+        let most = tokio::sync::Semaphore::MAX_PERMITS;
+        if self.max_in_flight > most || self.max_in_flight_bytes > most {
+            return err("max_in_flight and max_in_flight_bytes are too large");
         }
         let schedule: u64 = self.retry_schedule_secs.iter().sum();
         if self.retention_secs <= schedule {
@@ -470,6 +486,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("redis.wait_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn delivery_bounds_the_bytes_in_flight() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg.delivery.max_in_flight_bytes, 64 * 1024 * 1024);
+        let err = Config::from_toml("[delivery]\nmax_in_flight_bytes = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_in_flight_bytes must be > 0"), "{err}");
     }
 
     #[test]

@@ -355,6 +355,53 @@ async fn a_slow_subscriber_does_not_delay_a_healthy_one() {
     );
 }
 
+/// The attempts in flight are bounded in the bytes of their bodies
+/// (`delivery.max_in_flight_bytes`): a body with no room waits, unattempted,
+/// and every event is still delivered once.
+#[tokio::test]
+async fn attempts_in_flight_are_bounded_in_bytes() {
+    let env = TestEnv::on(
+        "dlv-bytes",
+        &hooklog_e2e::shared_stack().brokers,
+        &hooklog_e2e::shared_stack().redis_url,
+        "[delivery]\nmax_in_flight_bytes = 3000",
+    );
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _deliverer = env.deliverer();
+    let slow = Receiver::start(&[200], Duration::from_millis(600)).await;
+    subscribe(&env, "order.shipped", &slow.url).await;
+    let n = 4;
+    for i in 0..n {
+        // ~2.2 KB: two of them do not fit in 3,000 bytes.
+        let mut body: Value = serde_json::from_str(&order(
+            &unique("evt_"),
+            &format!("ORD-B{i}"),
+            "order.shipped",
+        ))
+        .unwrap();
+        body["notes"] = "x".repeat(2_000).into();
+        ship(&env, &body.to_string()).await;
+    }
+    wait_hits(&slow, n, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let hits = slow.hits();
+    let ids: HashSet<&str> = hits.iter().filter_map(|h| h.header("webhook-id")).collect();
+    assert_eq!((hits.len(), ids.len()), (n, n), "each event delivered once");
+    // Each request waited 600 ms for its answer: one at a time, the next
+    // arrives at least that much later (without the bound all four would
+    // be in flight together).
+    let mut at: Vec<Instant> = hits.iter().map(|h| h.at).collect();
+    at.sort();
+    for pair in at.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(550),
+            "two bodies in flight at once ({gap:?} apart)"
+        );
+    }
+}
+
 #[tokio::test]
 async fn kill_9_mid_stream_delivers_every_event_at_least_once_with_stable_ids() {
     let env = TestEnv::new("dlv-kill");

@@ -243,6 +243,28 @@ impl Queue {
         })
     }
 
+    /// The size of a job's event body (0 when the event expired).
+    pub async fn body_len(&self, member: &str) -> Result<usize, RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("HSTRLEN")
+            .arg(self.evt_key(member))
+            .arg("body")
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// Puts a claimed job back, due at `due_ms`, its attempts unchanged.
+    pub async fn postpone(&self, sub: &str, member: &str, due_ms: i64) -> Result<(), RedisError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("ZADD")
+            .arg(self.due_key(sub))
+            .arg("XX")
+            .arg(due_ms)
+            .arg(member)
+            .query_async(&mut conn)
+            .await
+    }
+
     /// Schedules the next attempt.
     pub async fn retry_at(
         &self,

@@ -25,6 +25,10 @@ use crate::config::DeliveryConfig;
 /// Response bytes read (then discarded, never logged).
 const MAX_RESPONSE_BYTES: usize = 4096;
 
+/// How long a job whose body found no room among the bodies in flight
+/// waits before it is claimed again (unattempted).
+const NO_ROOM_DELAY_MS: i64 = 250;
+
 /// Delivery settings derived from `[delivery]`.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -36,6 +40,8 @@ pub struct Settings {
     pub endpoint_concurrency: usize,
     /// Attempts in flight in all.
     pub max_in_flight: usize,
+    /// Bytes of bodies in flight in all.
+    pub max_in_flight_bytes: usize,
     /// Disable an endpoint failing this long.
     pub disable_after: Duration,
     /// URL policy.
@@ -49,6 +55,7 @@ impl From<&DeliveryConfig> for Settings {
             timeout: Duration::from_millis(c.timeout_ms),
             endpoint_concurrency: c.endpoint_concurrency,
             max_in_flight: c.max_in_flight,
+            max_in_flight_bytes: c.max_in_flight_bytes,
             disable_after: Duration::from_secs(c.disable_after_failing_secs),
             policy: UrlPolicy {
                 allow_http: c.allow_http,
@@ -98,6 +105,8 @@ impl Deliverer {
     /// Claims and runs due jobs until `shutdown`; `wake` cuts the idle wait.
     pub async fn dispatch(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
         let global = Arc::new(Semaphore::new(self.settings.max_in_flight));
+        // One permit a byte of the bodies being delivered.
+        let room = Arc::new(Semaphore::new(self.settings.max_in_flight_bytes));
         let mut slots: HashMap<String, Arc<Semaphore>> = HashMap::new();
         // An attempt outliving its lease may run twice; keep it well above
         // the timeout.
@@ -134,8 +143,8 @@ impl Deliverer {
                         slot.clone().try_acquire_owned().expect("free permit"),
                         global.clone().try_acquire_owned().expect("free permit"),
                     );
-                    let (me, sub) = (self.clone(), sub.clone());
-                    tokio::spawn(async move { me.run_job(sub, member, permits).await });
+                    let (me, sub, room) = (self.clone(), sub.clone(), room.clone());
+                    tokio::spawn(async move { me.run_job(sub, member, permits, &room).await });
                 }
             }
             self.report_pending(&subs).await;
@@ -167,14 +176,32 @@ impl Deliverer {
         sub: Subscription,
         member: String,
         _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+        room: &Semaphore,
     ) {
-        if let Err(e) = self.try_job(&sub, &member).await {
+        if let Err(e) = self.try_job(&sub, &member, room).await {
             // The job keeps its lease and is attempted again after it.
             warn!(subscription = %sub.id, error = %e, "Delivery bookkeeping failed; will retry.");
         }
     }
 
-    async fn try_job(&self, sub: &Subscription, member: &str) -> anyhow::Result<()> {
+    async fn try_job(
+        &self,
+        sub: &Subscription,
+        member: &str,
+        room: &Semaphore,
+    ) -> anyhow::Result<()> {
+        // Room for the body among those in flight before it is read (a body
+        // larger than all the room takes all of it, alone); without room the
+        // job goes back to its queue unattempted.
+        let len = self.queue.body_len(member).await?;
+        let want = len.min(self.settings.max_in_flight_bytes);
+        let Ok(_room) = room.try_acquire_many(u32::try_from(want).unwrap_or(u32::MAX)) else {
+            debug!(subscription = %sub.id, bytes = len, "No room for the body yet; the job waits.");
+            self.queue
+                .postpone(&sub.id, member, now_ms() + NO_ROOM_DELAY_MS)
+                .await?;
+            return Ok(());
+        };
         let Some((event, attempts_before)) = self.queue.load(&sub.id, member).await? else {
             let event = QueuedEvent {
                 event_id: member
