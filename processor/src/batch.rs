@@ -92,11 +92,40 @@ pub struct BatchLimit {
     pub bytes: usize,
 }
 
-impl BatchLimit {
-    /// True when a batch of `records` records holding `bytes` bytes takes
-    /// no more.
-    pub fn full(&self, records: usize, bytes: usize) -> bool {
-        records >= self.records || bytes >= self.bytes
+/// A batch being filled: its records and their bytes, until its
+/// [`BatchLimit`] says it is full.
+pub struct Filling {
+    limit: BatchLimit,
+    records: Vec<Record>,
+    bytes: usize,
+}
+
+impl Filling {
+    /// A batch of `first`.
+    pub fn new(limit: BatchLimit, first: Record) -> Self {
+        let mut batch = Self {
+            limit,
+            records: Vec::new(),
+            bytes: 0,
+        };
+        batch.push(first);
+        batch
+    }
+
+    /// Adds a record.
+    pub fn push(&mut self, record: Record) {
+        self.bytes += record.size();
+        self.records.push(record);
+    }
+
+    /// True when the batch takes no more.
+    pub fn is_full(&self) -> bool {
+        self.records.len() >= self.limit.records || self.bytes >= self.limit.bytes
+    }
+
+    /// The records, in the order pushed.
+    pub fn into_records(self) -> Vec<Record> {
+        self.records
     }
 }
 
@@ -248,16 +277,40 @@ mod tests {
         assert_eq!(empty.size(), 0);
     }
 
+    fn sized(bytes: usize) -> Record {
+        Record {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: Some(vec![0; bytes]),
+            headers: Vec::new(),
+        }
+    }
+
     #[test]
     fn a_batch_is_full_at_its_record_count_or_its_bytes() {
         let limit = BatchLimit {
             records: 500,
             bytes: 64 * 1024,
         };
-        assert!(!limit.full(1, 1_000));
-        assert!(!limit.full(499, 64 * 1024 - 1));
-        assert!(limit.full(500, 10));
-        assert!(limit.full(3, 64 * 1024));
-        assert!(limit.full(1, 1 << 30));
+        // By count: 499 small records leave room, the 500th fills it.
+        let mut batch = Filling::new(limit, sized(10));
+        for _ in 1..499 {
+            batch.push(sized(10));
+        }
+        assert!(!batch.is_full());
+        batch.push(sized(10));
+        assert!(batch.is_full());
+        // By bytes: one byte short leaves room, reaching the limit fills it.
+        let mut batch = Filling::new(limit, sized(1_000));
+        assert!(!batch.is_full());
+        batch.push(sized(64 * 1024 - 1_001));
+        assert!(!batch.is_full());
+        batch.push(sized(1));
+        assert!(batch.is_full());
+        assert_eq!(batch.into_records().len(), 3);
+        // A record larger than the limit makes a batch of its own.
+        assert!(Filling::new(limit, sized(1 << 20)).is_full());
     }
 }

@@ -33,7 +33,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use redis::AsyncCommands;
 use tracing::{info, warn};
 
-use crate::batch::{plan, BatchLimit, Record};
+use crate::batch::{plan, BatchLimit, Filling, Record};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::projection::spec::{ProjectionSpec, Update};
@@ -657,7 +657,6 @@ async fn replay(
     let mut in_flight = InFlight::default();
     let write_turns: WriteTurns = Arc::new(std::array::from_fn(|_| Default::default()));
     while !targets.is_empty() {
-        let mut batch: Vec<Record> = Vec::with_capacity(limit.records);
         let first = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
             .map_err(|_| {
@@ -668,19 +667,15 @@ async fn replay(
             })??;
         // Headers only feed the replay's trace links.
         let with_headers = hooklog_schemas::telemetry::enabled();
-        batch.push(Record::copy_of(&first, with_headers));
-        let mut bytes = batch[0].size();
-        while !limit.full(batch.len(), bytes) {
+        let mut batch = Filling::new(limit, Record::copy_of(&first, with_headers));
+        while !batch.is_full() {
             match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
-                Ok(Ok(m)) => {
-                    let record = Record::copy_of(&m, with_headers);
-                    bytes += record.size();
-                    batch.push(record);
-                }
+                Ok(Ok(m)) => batch.push(Record::copy_of(&m, with_headers)),
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => break,
             }
         }
+        let batch = batch.into_records();
         // Decode and map this batch on a worker while the next ones are
         // fetched (up to IN_FLIGHT batches). Their Redis writes take turns
         // per shard of the entities: concurrent writes of two batches would

@@ -14,7 +14,7 @@ use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::batch::{BatchLimit, Record};
+use crate::batch::{BatchLimit, Filling, Record};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -106,21 +106,16 @@ pub async fn next_batch(
             }
         }
     };
-    let mut bytes = first.size();
-    let mut batch: Vec<Record> = vec![first];
+    let mut batch = Filling::new(limit, first);
     let deadline = tokio::time::Instant::now() + wait;
-    while !limit.full(batch.len(), bytes) {
+    while !batch.is_full() {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => {
-                let record = Record::copy_of(&m, true);
-                bytes += record.size();
-                batch.push(record);
-            }
+            Ok(Ok(m)) => batch.push(Record::copy_of(&m, true)),
             Ok(Err(e)) => warn!(error = %e, "Consumer error."),
             Err(_) => break,
         }
     }
-    Some(batch)
+    Some(batch.into_records())
 }
 
 /// Stores the offsets of a fully handled batch (committed in the background).
