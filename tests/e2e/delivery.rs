@@ -11,7 +11,8 @@ use base64::Engine;
 use hooklog_e2e::receiver::{Hit, Receiver};
 use hooklog_e2e::sign::{self, mac, now};
 use hooklog_e2e::{
-    events, eventually, get_json, kafka, let_killed_member_expire, secret, unique, TestEnv, API_KEY,
+    events, eventually, get_json, kafka, let_killed_member_expire, metric, secret, unique, TestEnv,
+    API_KEY,
 };
 use serde_json::{json, Value};
 
@@ -400,6 +401,13 @@ async fn attempts_in_flight_are_bounded_in_bytes() {
             "two bodies in flight at once ({gap:?} apart)"
         );
     }
+    let waits = metric(
+        &env.delivery_url(),
+        "hooklog_delivery_jobs_waiting_for_room_total",
+        &[],
+    )
+    .await;
+    assert!(waits >= 1.0, "no job counted as waiting for room: {waits}");
 }
 
 #[tokio::test]

@@ -32,6 +32,7 @@ pub struct DeliveryMetrics {
     pending: Gauge<i64, AtomicI64>,
     paused: Gauge<i64, AtomicI64>,
     latency: Histogram,
+    no_room: Counter,
 }
 
 impl Default for DeliveryMetrics {
@@ -44,6 +45,7 @@ impl Default for DeliveryMetrics {
         let disabled = Family::<ReasonLabels, Counter>::default();
         let pending = Gauge::<i64, AtomicI64>::default();
         let paused = Gauge::<i64, AtomicI64>::default();
+        let no_room = Counter::default();
         let latency = Histogram::new([
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
@@ -87,6 +89,11 @@ impl Default for DeliveryMetrics {
             "Latency of delivery attempts",
             latency.clone(),
         );
+        registry.register(
+            "jobs_waiting_for_room",
+            "Jobs put back unattempted because their body had no room among the bodies in flight (delivery.max_in_flight_bytes)",
+            no_room.clone(),
+        );
         Self {
             registry,
             consumed,
@@ -97,6 +104,7 @@ impl Default for DeliveryMetrics {
             pending,
             paused,
             latency,
+            no_room,
         }
     }
 }
@@ -124,6 +132,10 @@ impl DeliveryMetrics {
     /// A subscription disabled.
     pub fn disabled(&self, reason: &'static str) {
         self.disabled.get_or_create(&ReasonLabels { reason }).inc();
+    }
+    /// A job put back for want of room for its body.
+    pub fn waited_for_room(&self) {
+        self.no_room.inc();
     }
     /// Pending jobs in all.
     pub fn set_pending(&self, n: i64) {

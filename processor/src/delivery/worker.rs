@@ -197,6 +197,7 @@ impl Deliverer {
         let want = len.min(self.settings.max_in_flight_bytes);
         let Ok(_room) = room.try_acquire_many(u32::try_from(want).unwrap_or(u32::MAX)) else {
             debug!(subscription = %sub.id, bytes = len, "No room for the body yet; the job waits.");
+            self.metrics.waited_for_room();
             self.queue
                 .postpone(&sub.id, member, now_ms() + NO_ROOM_DELAY_MS)
                 .await?;
