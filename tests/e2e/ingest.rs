@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use hooklog_e2e::sign::{self, now};
-use hooklog_e2e::{kafka, secret, Stack, TestEnv, SECRETS};
+use hooklog_e2e::{eventually, kafka, metric, secret, Stack, TestEnv, SECRETS};
 use hooklog_schemas::trace::TraceParent;
 use hooklog_schemas::WebhookEvent;
 use serde_json::Value;
@@ -337,7 +337,17 @@ async fn bodies_in_flight_are_bounded_in_bytes() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its handler has taken the room once it counts as in flight (the
+    // count and the room are taken in one step, before the body is read).
+    eventually(
+        "the slow request in flight",
+        Duration::from_secs(10),
+        || async {
+            let n = metric(&env.ingest_url(), "hooklog_ingest_in_flight_requests", &[]).await;
+            (n >= 1.0).then_some(())
+        },
+    )
+    .await;
     let (headers, body, _) = signed("fulfillment", "evt-bytes-refused");
     let refused = post(&env, "fulfillment", &headers, body).await;
     assert_eq!(refused.status, 429, "{}", refused.json);
