@@ -30,7 +30,7 @@ impl Verifier for GitHub {
         let given = value
             .strip_prefix("sha256=")
             .filter(|h| h.len() == 64)
-            .ok_or(VerifyError::Malformed("x-hub-signature-256"))?;
+            .ok_or(VerifyError::Malformed("x-hub-signature-256".into()))?;
         // GitHub sends lower-case hex; compare the text, so upper case fails.
         let key_id = find_key(&self.secrets, &[req.body], &[given], |mac| {
             hex::encode(mac).into_bytes()

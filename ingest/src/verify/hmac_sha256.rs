@@ -26,6 +26,10 @@ impl HmacSha256 {
             event_id,
         }
     }
+
+    fn malformed(&self) -> VerifyError {
+        VerifyError::Malformed(self.header.clone().into())
+    }
 }
 
 impl Verifier for HmacSha256 {
@@ -35,16 +39,15 @@ impl Verifier for HmacSha256 {
 
     fn verify(&self, req: &Request<'_>) -> Result<Verified, VerifyError> {
         let value = super::optional_header(req.headers, &self.header)
-            .ok_or(VerifyError::MissingHeader("signature header"))?;
+            .ok_or_else(|| VerifyError::MissingHeader(self.header.clone().into()))?;
         let hex_part = value
             .strip_prefix("sha256=")
             .or_else(|| value.strip_prefix("SHA256="))
             .unwrap_or(value);
         if hex_part.len() != 64 {
-            return Err(VerifyError::Malformed("signature header"));
+            return Err(self.malformed());
         }
-        let given =
-            hex::decode(hex_part).map_err(|_| VerifyError::Malformed("signature header"))?;
+        let given = hex::decode(hex_part).map_err(|_| self.malformed())?;
         let key_id = find_key(&self.secrets, &[req.body], &[given], |mac| mac.to_vec())
             .ok_or(VerifyError::BadSignature)?;
         let doc = json(req.body);
@@ -153,6 +156,12 @@ mod tests {
         assert_eq!(got.event_id, "abc");
         let got = v.verify(&req(&[("x-sig", &sig)], body, 0)).unwrap();
         assert_eq!(got.event_id, super::super::body_hash_id(body));
+
+        // Errors name the configured header, not a generic one.
+        let missing = v.verify(&req(&[], body, 0)).unwrap_err();
+        assert_eq!(missing.to_string(), "required header x-sig is missing");
+        let malformed = v.verify(&req(&[("x-sig", "zz")], body, 0)).unwrap_err();
+        assert_eq!(malformed.to_string(), "header x-sig is malformed");
     }
 
     #[test]

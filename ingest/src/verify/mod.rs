@@ -14,6 +14,8 @@ mod slack;
 mod standard_webhooks;
 mod stripe;
 
+use std::borrow::Cow;
+
 use axum::http::HeaderMap;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretSlice};
@@ -71,10 +73,10 @@ pub struct Verified {
 pub enum VerifyError {
     /// A required header is absent or empty.
     #[error("required header {0} is missing")]
-    MissingHeader(&'static str),
+    MissingHeader(Cow<'static, str>),
     /// A header is present but cannot be parsed.
     #[error("header {0} is malformed")]
-    Malformed(&'static str),
+    Malformed(Cow<'static, str>),
     /// No configured secret produces the signature.
     #[error("signature does not match any active secret")]
     BadSignature,
@@ -147,7 +149,7 @@ pub fn build(
 
 /// A header's value as text; absent, empty or non-UTF-8 counts as missing.
 pub(crate) fn header<'a>(req: &'a Request<'_>, name: &'static str) -> Result<&'a str, VerifyError> {
-    optional_header(req.headers, name).ok_or(VerifyError::MissingHeader(name))
+    optional_header(req.headers, name).ok_or(VerifyError::MissingHeader(name.into()))
 }
 
 pub(crate) fn optional_header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -195,9 +197,11 @@ pub(crate) fn check_tolerance(ts: i64, now: i64, tolerance_secs: u64) -> Result<
 /// Parses a decimal Unix timestamp header.
 pub(crate) fn parse_timestamp(value: &str, name: &'static str) -> Result<i64, VerifyError> {
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(VerifyError::Malformed(name));
+        return Err(VerifyError::Malformed(name.into()));
     }
-    value.parse().map_err(|_| VerifyError::Malformed(name))
+    value
+        .parse()
+        .map_err(|_| VerifyError::Malformed(name.into()))
 }
 
 /// The fallback event id: `sha256:` + lower-case hex SHA-256 of the body.

@@ -31,7 +31,7 @@ impl Verifier for Shopify {
         let given = header(req, "x-shopify-hmac-sha256")?;
         // Canonical padded base64 of 32 bytes is always 44 characters.
         if given.len() != 44 || STANDARD.decode(given).is_err() {
-            return Err(VerifyError::Malformed("x-shopify-hmac-sha256"));
+            return Err(VerifyError::Malformed("x-shopify-hmac-sha256".into()));
         }
         let key_id = find_key(&self.secrets, &[req.body], &[given], |mac| {
             STANDARD.encode(mac).into_bytes()

@@ -37,7 +37,7 @@ impl Verifier for Slack {
         let ts_num = parse_timestamp(ts, "x-slack-request-timestamp")?;
         let given = value
             .strip_prefix("v0=")
-            .ok_or(VerifyError::Malformed("x-slack-signature"))?;
+            .ok_or(VerifyError::Malformed("x-slack-signature".into()))?;
         let key_id = find_key(
             &self.secrets,
             &[b"v0:", ts.as_bytes(), b":", req.body],

@@ -57,7 +57,7 @@ impl Verifier for StandardWebhooks {
             get(&WEBHOOK)
                 .or_else(|| get(&SVIX))
                 .ok_or(VerifyError::MissingHeader(
-                    "webhook-id/webhook-timestamp/webhook-signature",
+                    "webhook-id/webhook-timestamp/webhook-signature".into(),
                 ))?;
         let ts_num = parse_timestamp(ts, "webhook-timestamp")?;
         let candidates: Vec<&str> = sigs

@@ -41,10 +41,10 @@ impl Verifier for Stripe {
                 _ => {}
             }
         }
-        let ts = ts.ok_or(VerifyError::Malformed("stripe-signature"))?;
+        let ts = ts.ok_or(VerifyError::Malformed("stripe-signature".into()))?;
         let ts_num = parse_timestamp(ts, "stripe-signature")?;
         if v1.is_empty() {
-            return Err(VerifyError::Malformed("stripe-signature"));
+            return Err(VerifyError::Malformed("stripe-signature".into()));
         }
         // Stripe sends lower-case hex and compares text: so do we.
         let key_id = find_key(
