@@ -44,10 +44,13 @@ if [ ! -f "$run_dir/secrets.env" ]; then
     echo "SHOPIFY_WEBHOOK_SECRET=$(openssl rand -hex 16)"
     echo "RESEND_WEBHOOK_SECRET=whsec_$(openssl rand -base64 24)"
     echo "HOOKLOG_API_KEY=$(openssl rand -hex 24)"
+    echo "HOOKLOG_ADMIN_KEY=$(openssl rand -hex 24)"
   } > "$run_dir/secrets.env"
 fi
-# Checkouts from before the deliverer lack its API key.
-grep -q '^HOOKLOG_API_KEY=' "$run_dir/secrets.env" || echo "HOOKLOG_API_KEY=$(openssl rand -hex 24)" >> "$run_dir/secrets.env"
+# Checkouts from before the deliverer or the admin keys lack those keys.
+for key in HOOKLOG_API_KEY HOOKLOG_ADMIN_KEY; do
+  grep -q "^$key=" "$run_dir/secrets.env" || echo "$key=$(openssl rand -hex 24)" >> "$run_dir/secrets.env"
+done
 set -a
 # shellcheck disable=SC1091
 . "$run_dir/secrets.env"
@@ -71,7 +74,7 @@ cat <<MSG
 
 Hooklog is running.
   ingest     http://127.0.0.1:8080/webhooks/{source}   (/healthz /readyz /metrics)
-  processor  http://127.0.0.1:8081/v1/projections       (/healthz /readyz /metrics)
+  processor  http://127.0.0.1:8081/v1/projections       (/healthz /readyz /metrics; rebuilds: Bearer \$HOOKLOG_ADMIN_KEY)
   delivery   http://127.0.0.1:8082/api/v1/webhooks      (/healthz /readyz /metrics; Bearer \$HOOKLOG_API_KEY)
   logs       $run_dir/ingest.log, $run_dir/processor.log, $run_dir/deliverer.log
   secrets    $run_dir/secrets.env (dev only)

@@ -1,16 +1,18 @@
 //! The processor's HTTP server: the read API, health, metrics and the
-//! rebuild admin endpoint.
+//! rebuild admin endpoint (bearer `processor.admin_keys`; off without them,
+//! so whoever may read projections cannot start a replay of the log).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::bearer::{unauthorized, BearerKeys};
 use crate::consume::Health;
 use crate::metrics::Metrics;
 use crate::projection::store::Store;
@@ -25,6 +27,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Health flags.
     pub health: Arc<Health>,
+    /// Keys of the admin endpoints; none: they are off.
+    pub admin_keys: BearerKeys,
     /// Starts a rebuild in the background (admin endpoint).
     pub start_rebuild: Box<dyn Fn(String) -> bool + Send + Sync>,
 }
@@ -111,7 +115,21 @@ async fn read(
     }
 }
 
-async fn rebuild(State(s): State<Arc<ApiState>>, Path(projection): Path<String>) -> Response {
+async fn rebuild(
+    State(s): State<Arc<ApiState>>,
+    Path(projection): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if s.admin_keys.is_empty() {
+        return error(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "the admin endpoints are off: set processor.admin_keys, or run `hooklog-processor rebuild`",
+        );
+    }
+    if !s.admin_keys.accept(&headers) {
+        return unauthorized();
+    }
     if !s.projections.contains(&projection) {
         return error(
             StatusCode::NOT_FOUND,

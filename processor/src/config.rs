@@ -66,6 +66,12 @@ pub struct ProcessorConfig {
     /// Partitions used by `create-topics`.
     #[serde(default = "default_partitions")]
     pub partitions: i32,
+    /// Bearer keys of the admin endpoints (`POST
+    /// /v1/projections/{name}/rebuild`), as `env:`/`file:` references.
+    /// None (the default): those endpoints answer 403; the read API stays
+    /// open either way.
+    #[serde(default)]
+    pub admin_keys: Vec<String>,
 }
 
 fn default_listen() -> String {
@@ -100,6 +106,7 @@ impl Default for ProcessorConfig {
             batch_wait_ms: default_batch_wait_ms(),
             dedup_window_secs: default_dedup_window_secs(),
             partitions: default_partitions(),
+            admin_keys: Vec::new(),
         }
     }
 }

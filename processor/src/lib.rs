@@ -10,6 +10,7 @@
 //! - [`consume`]: the live consumer-group loop;
 //! - [`changelog`]: changelog and DLQ producer;
 //! - [`api`]: read API, health, metrics, rebuild endpoint;
+//! - [`bearer`]: the bearer keys of the admin and subscription APIs;
 //! - [`rebuild`]: replay into a new version, switch or verify;
 //! - [`replicas`]: waiting for Redis replicas before offsets are committed;
 //! - [`spans`]: per-record OpenTelemetry spans of batched work;
@@ -20,6 +21,7 @@
 
 pub mod api;
 pub mod batch;
+pub mod bearer;
 pub mod changelog;
 pub mod config;
 pub mod consume;
@@ -152,6 +154,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let admin_keys =
+        bearer::BearerKeys::resolve("processor.admin_keys", &config.processor.admin_keys)?;
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
@@ -215,6 +219,7 @@ pub async fn run(
         store: store.clone(),
         metrics: metrics.clone(),
         health: health.clone(),
+        admin_keys,
         start_rebuild,
     });
     let stop = shutdown.clone();

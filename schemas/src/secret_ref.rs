@@ -1,6 +1,6 @@
 //! Secret references in `hooklog.toml`: `env:NAME` or `file:PATH`, never an
 //! inline value. Shared by ingest (source signing secrets) and the processor
-//! (delivery API keys). Errors name the reference, never the value.
+//! (the bearer keys of its APIs). Errors name the reference, never the value.
 
 /// Resolves one reference to its value (trailing newlines trimmed).
 pub fn resolve(reference: &str) -> Result<String, String> {

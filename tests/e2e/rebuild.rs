@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hooklog_e2e::events::{self, raw};
 use hooklog_e2e::sign::{self, now};
-use hooklog_e2e::{eventually, get_json, kafka, metric, secret, Stack, TestEnv};
+use hooklog_e2e::{eventually, get_json, kafka, metric, secret, Stack, TestEnv, ADMIN_KEY};
 use hooklog_processor::projection::store::Store;
 use hooklog_processor::rebuild::switch;
 use serde_json::Value;
@@ -620,4 +620,91 @@ async fn a_rebuild_switches_readers_only_while_its_building_pointer_holds() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(listed, vec![(1, 1_000)]);
+}
+
+/// `POST /v1/projections/{name}/rebuild` with a key status: (status, body,
+/// `WWW-Authenticate`).
+async fn post_rebuild(env: &TestEnv, projection: &str, key: Option<&str>) -> (u16, Value, String) {
+    let mut req = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/projections/{projection}/rebuild",
+            env.processor_url()
+        ))
+        .timeout(Duration::from_secs(10));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.expect("rebuild request");
+    let status = resp.status().as_u16();
+    let challenge = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, resp.json().await.unwrap_or(Value::Null), challenge)
+}
+
+/// The HTTP rebuild is an admin endpoint: without one of
+/// `processor.admin_keys` it starts nothing; with one it rebuilds and
+/// switches readers; with none configured it is off.
+#[tokio::test]
+async fn the_rebuild_endpoint_needs_an_admin_key() {
+    let env = TestEnv::new("rb-admin");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let processor = env.processor();
+    load(&env, 30, 0).await;
+    wait_applied(&env, "orders", 30.0).await;
+    let before = snapshot(&env, "orders").await;
+    assert_eq!(before.len(), 30);
+
+    for key in [None, Some("not-the-key"), Some(hooklog_e2e::API_KEY)] {
+        let (status, body, challenge) = post_rebuild(&env, "orders", key).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("unauthorized")),
+            "{key:?}"
+        );
+        assert_eq!(challenge, "Bearer");
+    }
+    let (status, body, _) = post_rebuild(&env, "nope", Some(ADMIN_KEY)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("unknown_projection"))
+    );
+    let current = |env: &TestEnv| {
+        let key = format!("{}{{orders}}:current", env.prefix);
+        let v: Option<u64> = redis::cmd("GET").arg(key).query(&mut env.redis()).unwrap();
+        v.unwrap_or(1)
+    };
+    assert_eq!(current(&env), 1, "a refused request started a rebuild");
+
+    let (status, body, _) = post_rebuild(&env, "orders", Some(ADMIN_KEY)).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "started");
+    eventually(
+        "the rebuilt version is current",
+        Duration::from_secs(60),
+        || async { (current(&env) == 2).then_some(()) },
+    )
+    .await;
+    assert_eq!(snapshot(&env, "orders").await, before);
+    let logs = processor.log_text();
+    assert!(logs.contains("Rebuild finished."), "{logs}");
+    assert!(!logs.contains(ADMIN_KEY), "the admin key was logged");
+
+    // No key configured: the endpoint is off.
+    let off = TestEnv::on(
+        "rb-admin-off",
+        &env.brokers,
+        &env.redis_url,
+        "[processor]\nadmin_keys = []",
+    );
+    off.create_topics();
+    let _off_processor = off.processor();
+    let (status, body, _) = post_rebuild(&off, "orders", Some(ADMIN_KEY)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("admin_disabled"))
+    );
 }

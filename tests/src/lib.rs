@@ -726,6 +726,8 @@ pub const SECRETS: &[(&str, &str, &str)] = &[
 
 /// The subscription API key of the generated config (test value).
 pub const API_KEY: &str = "e2e-delivery-api-key-3b9f";
+/// The bearer key of the processor's admin endpoints in every test config.
+pub const ADMIN_KEY: &str = "e2e-admin-key-71c4";
 
 /// The secret of a source.
 pub fn secret(source: &str) -> &'static str {
@@ -863,7 +865,8 @@ name = "customers"
         let mut text = format!(
             "[server]\nlisten = \"127.0.0.1:{}\"\npublish_timeout_ms = 3000\nretry_after_secs = 2\n\n\
              [kafka]\nbrokers = \"{}\"\n\n\
-             [processor]\nlisten = \"127.0.0.1:{}\"\ngroup_id = \"e2e-{}\"\npartitions = 3\nbatch_wait_ms = 10\n\n\
+             [processor]\nlisten = \"127.0.0.1:{}\"\ngroup_id = \"e2e-{}\"\npartitions = 3\nbatch_wait_ms = 10\n\
+             admin_keys = [\"env:E2E_ADMIN_KEY\"]\n\n\
              [redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\n\n\
              [delivery]\nlisten = \"127.0.0.1:{}\"\ngroup_id = \"e2e-dlv-{}\"\napi_keys = [\"env:E2E_API_KEY\"]\n\
              allow_http = true\nallow_private_networks = true\nretry_schedule_secs = [1, 1]\ntimeout_ms = 2000\n\n",
@@ -888,6 +891,7 @@ name = "customers"
             .map(|(s, _, k)| (format!("E2E_SECRET_{}", s.to_uppercase()), k.to_string()))
             .collect();
         v.push(("E2E_API_KEY".into(), API_KEY.into()));
+        v.push(("E2E_ADMIN_KEY".into(), ADMIN_KEY.into()));
         v.push((
             "HOOKLOG_CONFIG".into(),
             self.config_path.display().to_string(),

@@ -5,20 +5,20 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde_json::{json, Map, Value};
-use subtle::ConstantTimeEq;
 
 use super::guard::{self, UrlPolicy};
 use super::metrics::DeliveryMetrics;
 use super::queue::Queue;
 use super::subscription::{self, rfc3339, Subscription, SubscriptionCache, SubscriptionStore};
 use crate::api::{error, prometheus, readiness, with_json_fallbacks};
+use crate::bearer::{unauthorized, BearerKeys};
 use crate::consume::Health;
 
 /// Shared state of the handlers.
@@ -30,7 +30,7 @@ pub struct ApiState {
     /// Jobs and the delivery log.
     pub queue: Queue,
     /// Accepted bearer keys.
-    pub api_keys: Vec<SecretString>,
+    pub api_keys: BearerKeys,
     /// Callback URL policy.
     pub policy: UrlPolicy,
     /// Default rotation grace period.
@@ -98,26 +98,8 @@ pub fn app(state: Arc<ApiState>) -> Router {
 
 /// `Authorization: Bearer <key>` against every configured key, in constant time.
 async fn authorize(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let ok = presented.is_some_and(|p| {
-        s.api_keys.iter().fold(false, |acc, k| {
-            acc | bool::from(k.expose_secret().as_bytes().ct_eq(p.as_bytes()))
-        })
-    });
-    if !ok {
-        let mut r = error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid API key is required: Authorization: Bearer <key>",
-        );
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
-        return r;
+    if !s.api_keys.accept(req.headers()) {
+        return unauthorized();
     }
     next.run(req).await
 }

@@ -28,35 +28,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::bearer::BearerKeys;
 use crate::changelog::Publisher;
 use crate::config::Config;
 use crate::consume::{self, Health};
 
 /// Resolves the API keys; at least one is required.
-pub fn api_keys(config: &Config) -> anyhow::Result<Vec<SecretString>> {
+pub fn api_keys(config: &Config) -> anyhow::Result<BearerKeys> {
     anyhow::ensure!(
         !config.delivery.api_keys.is_empty(),
         "invalid configuration: delivery.api_keys: at least one key reference (env:NAME or file:PATH) is required"
     );
-    config
-        .delivery
-        .api_keys
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            hooklog_schemas::secret_ref::resolve(r)
-                .map(SecretString::from)
-                .map_err(|why| {
-                    anyhow::anyhow!("invalid configuration: delivery.api_keys[{i}]: {why}")
-                })
-        })
-        .collect()
+    BearerKeys::resolve("delivery.api_keys", &config.delivery.api_keys)
 }
 
 /// Runs the deliverer (API + fan-out + dispatcher) until `shutdown`.
