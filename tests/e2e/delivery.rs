@@ -1,7 +1,8 @@
 //! Outbound delivery end to end (`hooklog-processor deliver`) on Tansu and
 //! Redis: the seed's agent-to-agent scenario, retries, 410, the DLQ after
 //! the schedule, isolation of a slow subscriber, kill -9, the SSRF guard,
-//! secret rotation and automatic disabling.
+//! secret rotation, automatic disabling, and moving or re-enabling a
+//! subscription.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -737,4 +738,117 @@ async fn the_fan_out_waits_for_a_replica_when_asked() {
     let mut want = vec![first, second];
     want.sort();
     assert_eq!(got, want);
+}
+
+/// PATCH: a subscription disabled by a 410 is moved to a new endpoint and
+/// enabled again with its id and secret; a manual disable stops it.
+#[tokio::test]
+async fn patch_moves_and_re_enables_a_disabled_subscription() {
+    let env = TestEnv::new("dlv-patch");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let deliverer = env.deliverer();
+    let gone = Receiver::start(&[410], Duration::ZERO).await;
+    let moved = Receiver::start(&[200], Duration::ZERO).await;
+    let (id, sub_secret) = subscribe(&env, "order.shipped", &gone.url).await;
+    let path = format!("/api/v1/webhooks/{id}");
+    let patch = |body: Value, key: Option<&'static str>| {
+        let (env, path) = (&env, path.clone());
+        async move {
+            api(
+                env,
+                reqwest::Method::PATCH,
+                &path,
+                key,
+                Some(body.to_string()),
+            )
+            .await
+        }
+    };
+
+    ship(&env, &order(&unique("evt_"), "ORD-P1", "order.shipped")).await;
+    wait_hits(&gone, 1, Duration::from_secs(30)).await;
+    let sub = eventually("disabled by the 410", Duration::from_secs(30), || async {
+        let (_, sub) = get(&env, &path).await;
+        (sub["enabled"] == false).then_some(sub)
+    })
+    .await;
+    assert!(sub["disabled_reason"].as_str().unwrap().contains("410"));
+
+    // Refused changes name what is wrong and change nothing.
+    for (body, field) in [
+        (json!({}), "body"),
+        (json!({"secret": "x"}), "secret"),
+        (json!({"enabled": "yes"}), "enabled"),
+        (json!({"event_type": "order*"}), "event_type"),
+        (
+            json!({"callback_url": "ftp://example.com/x", "enabled": true}),
+            "callback_url",
+        ),
+    ] {
+        let (status, answer) = patch(body.clone(), Some(API_KEY)).await;
+        assert_eq!(
+            (status, answer["field"].as_str()),
+            (422, Some(field)),
+            "{body}"
+        );
+    }
+    let (status, _) = patch(json!({"enabled": true}), None).await;
+    assert_eq!(status, 401);
+    let (status, answer) = api(
+        &env,
+        reqwest::Method::PATCH,
+        "/api/v1/webhooks/sub_nope",
+        Some(API_KEY),
+        Some(json!({"enabled": true}).to_string()),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (404, Some("unknown_webhook"))
+    );
+    assert_eq!(get(&env, &path).await.1["enabled"], false);
+
+    // Moved and enabled again: the same id and secret, the events from now on.
+    let (status, sub) = patch(
+        json!({"callback_url": moved.url, "enabled": true, "description": "moved"}),
+        Some(API_KEY),
+    )
+    .await;
+    assert_eq!(status, 200, "{sub}");
+    assert_eq!(
+        (
+            &sub["id"],
+            &sub["enabled"],
+            &sub["callback_url"],
+            &sub["description"]
+        ),
+        (&json!(id), &json!(true), &json!(moved.url), &json!("moved"))
+    );
+    assert!(sub.get("disabled_reason").is_none(), "{sub}");
+    assert!(
+        sub.get("secret").is_none(),
+        "a PATCH never shows the secret"
+    );
+    let second = ship(&env, &order(&unique("evt_"), "ORD-P2", "order.shipped")).await;
+    let hits = wait_hits(&moved, 1, Duration::from_secs(30)).await;
+    assert_eq!(hits[0].header("webhook-id"), Some(second.as_str()));
+    assert!(
+        seed_verifies(&sub_secret, &hits[0]),
+        "signed with the same secret"
+    );
+    assert_eq!(gone.hits().len(), 1, "the old endpoint is not asked again");
+
+    // Disabled by hand: nothing more is delivered.
+    let (status, sub) = patch(json!({"enabled": false}), Some(API_KEY)).await;
+    assert_eq!((status, &sub["enabled"]), (200, &json!(false)), "{sub}");
+    assert_eq!(sub["disabled_reason"], "manual");
+    ship(&env, &order(&unique("evt_"), "ORD-P3", "order.shipped")).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        moved.hits().len(),
+        1,
+        "a disabled subscription got an event"
+    );
+    assert!(deliverer.log_text().contains("Subscription updated."));
 }

@@ -62,12 +62,18 @@ impl IntoResponse for BadRequest {
     }
 }
 
-fn invalid(field: &str, message: &str) -> Response {
-    BadRequest {
-        field: Some(field.to_owned()),
-        message: message.to_owned(),
+impl BadRequest {
+    /// 422 naming `field`.
+    fn field(field: &str, message: &str) -> Self {
+        Self {
+            field: Some(field.to_owned()),
+            message: message.to_owned(),
+        }
     }
-    .into_response()
+}
+
+fn invalid(field: &str, message: &str) -> Response {
+    BadRequest::field(field, message).into_response()
 }
 
 fn redis_down() -> Response {
@@ -82,7 +88,10 @@ fn redis_down() -> Response {
 pub fn app(state: Arc<ApiState>) -> Router {
     let api = Router::new()
         .route("/api/v1/webhooks", post(create).get(list))
-        .route("/api/v1/webhooks/{id}", get(read).delete(remove))
+        .route(
+            "/api/v1/webhooks/{id}",
+            get(read).patch(update).delete(remove),
+        )
         .route("/api/v1/webhooks/{id}/rotate-secret", post(rotate))
         .route("/api/v1/webhooks/{id}/deliveries", get(deliveries))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
@@ -127,40 +136,81 @@ fn string_field<'a>(m: &'a Map<String, Value>, name: &str) -> Result<Option<&'a 
     }
 }
 
+/// The fields of a subscription a request sets, each checked; absent ones
+/// are `None`.
+struct Fields<'a> {
+    event_type: Option<&'a str>,
+    callback_url: Option<&'a str>,
+    description: Option<&'a str>,
+    enabled: Option<bool>,
+}
+
+impl<'a> Fields<'a> {
+    /// Reads the fields of `m`; `allowed` are the ones the call takes, any
+    /// other is refused by name, as is a value of the wrong JSON type.
+    fn read(m: &'a Map<String, Value>, allowed: &[&str]) -> Result<Fields<'a>, BadRequest> {
+        if let Some(k) = m.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(BadRequest::field(k, &format!("unknown field {k:?}")));
+        }
+        let fields = Fields {
+            event_type: string_field(m, "event_type")?,
+            callback_url: string_field(m, "callback_url")?,
+            description: string_field(m, "description")?,
+            enabled: match m.get("enabled") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(*b),
+                Some(_) => {
+                    return Err(BadRequest::field(
+                        "enabled",
+                        "enabled must be true or false",
+                    ))
+                }
+            },
+        };
+        Ok(fields)
+    }
+
+    /// Checks the values given: the event type pattern, the callback URL
+    /// against the SSRF policy (resolving its host), the description's length.
+    async fn check(&self, policy: UrlPolicy) -> Result<(), BadRequest> {
+        if let Some(Err(why)) = self.event_type.map(subscription::validate_pattern) {
+            return Err(BadRequest::field("event_type", &why));
+        }
+        if let Some(url) = self.callback_url {
+            if let Err(why) = guard::check_url_resolving(url, policy).await {
+                return Err(BadRequest::field("callback_url", &why));
+            }
+        }
+        if self.description.is_some_and(|d| d.len() > 500) {
+            return Err(BadRequest::field(
+                "description",
+                "description is longer than 500 characters",
+            ));
+        }
+        Ok(())
+    }
+}
+
 async fn create(State(s): State<Arc<ApiState>>, body: Bytes) -> Response {
     let m = match parse_object(&body) {
         Ok(m) => m,
         Err(r) => return r.into_response(),
     };
-    if let Some(k) = m
-        .keys()
-        .find(|k| !["event_type", "callback_url", "description"].contains(&k.as_str()))
-    {
-        return invalid(k, &format!("unknown field {k:?}"));
-    }
-    let (event_type, callback_url, description) = match (
-        string_field(&m, "event_type"),
-        string_field(&m, "callback_url"),
-        string_field(&m, "description"),
-    ) {
-        (Ok(e), Ok(c), Ok(d)) => (e, c, d),
-        (Err(r), _, _) | (_, Err(r), _) | (_, _, Err(r)) => return r.into_response(),
+    let allowed = ["event_type", "callback_url", "description"];
+    let fields = match Fields::read(&m, &allowed) {
+        Ok(f) => f,
+        Err(r) => return r.into_response(),
     };
-    let Some(event_type) = event_type else {
+    let Some(event_type) = fields.event_type else {
         return invalid("event_type", "event_type is required");
     };
-    let Some(callback_url) = callback_url else {
+    let Some(callback_url) = fields.callback_url else {
         return invalid("callback_url", "callback_url is required");
     };
-    if let Err(why) = subscription::validate_pattern(event_type) {
-        return invalid("event_type", &why);
+    if let Err(r) = fields.check(s.policy).await {
+        return r.into_response();
     }
-    if let Err(why) = guard::check_url_resolving(callback_url, s.policy).await {
-        return invalid("callback_url", &why);
-    }
-    if description.is_some_and(|d| d.len() > 500) {
-        return invalid("description", "description is longer than 500 characters");
-    }
+    let description = fields.description;
     let sub = Subscription {
         id: subscription::new_id(),
         event_type: event_type.to_owned(),
@@ -218,6 +268,60 @@ async fn remove(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Respo
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(false) => not_found(),
+        Err(_) => redis_down(),
+    }
+}
+
+/// `PATCH`: changes the callback URL, event type or description, and
+/// disables (`"enabled": false`, reason `manual`) or re-enables a
+/// subscription, e.g. one disabled after its endpoint answered 410 or kept
+/// failing. Its id and secret stay; re-enabled, it gets the events received
+/// from then on (those of the time it was disabled are not delivered).
+async fn update(State(s): State<Arc<ApiState>>, Path(id): Path<String>, body: Bytes) -> Response {
+    let m = match parse_object(&body) {
+        Ok(m) => m,
+        Err(r) => return r.into_response(),
+    };
+    let allowed = ["event_type", "callback_url", "description", "enabled"];
+    let fields = match Fields::read(&m, &allowed) {
+        Ok(f) => f,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(r) = fields.check(s.policy).await {
+        return r.into_response();
+    }
+    let mut change = subscription::Change::default();
+    for (name, value) in [
+        ("event_type", fields.event_type),
+        ("callback_url", fields.callback_url),
+        ("description", fields.description),
+    ] {
+        if let Some(v) = value {
+            change.set.push((name, v.to_owned()));
+        }
+    }
+    match fields.enabled {
+        Some(true) => change.enable(),
+        Some(false) => change.disable(chrono::Utc::now().timestamp_millis(), "manual"),
+        None => {}
+    }
+    if change.is_empty() {
+        return invalid(
+            "body",
+            "nothing to change: give event_type, callback_url, description or enabled",
+        );
+    }
+    match s.subs.update(&id, &change).await {
+        Ok(true) => {}
+        Ok(false) => return not_found(),
+        Err(_) => return redis_down(),
+    }
+    let _ = s.cache.refresh(&s.subs).await;
+    let changed: Vec<&str> = m.keys().map(String::as_str).collect();
+    tracing::info!(subscription = %id, changed = ?changed, "Subscription updated.");
+    match s.subs.get(&id).await {
+        Ok(Some(sub)) => Json(sub.public_json()).into_response(),
+        Ok(None) => not_found(),
         Err(_) => redis_down(),
     }
 }

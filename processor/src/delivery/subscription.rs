@@ -152,17 +152,51 @@ pub fn rfc3339(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// Sets fields only when the subscription still exists; with a non-empty
-/// `ARGV[1]` the first field is set only when absent (HSETNX semantics).
-const SET_IF_EXISTS: &str = r"
+/// Sets a field when it is absent and the subscription still exists;
+/// returns the field's value (0 when the subscription is gone).
+const SET_NX_IF_EXISTS: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if ARGV[1] == 'nx' then
-  redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3])
-  return tonumber(redis.call('HGET', KEYS[1], ARGV[2]))
-end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+return tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+";
+
+/// Sets `ARGV[1]` field/value pairs, then deletes the remaining fields, only
+/// when the subscription still exists.
+const UPDATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local pairs = tonumber(ARGV[1])
+for i = 2, 1 + 2 * pairs, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 2 + 2 * pairs, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
 return 1
 ";
+
+/// Fields to set and to delete in one atomic update of a subscription.
+#[derive(Debug, Default)]
+pub struct Change {
+    /// Field, value.
+    pub set: Vec<(&'static str, String)>,
+    /// Fields to delete.
+    pub delete: Vec<&'static str>,
+}
+
+impl Change {
+    /// Enabled again: no longer disabled, and its failing run starts anew.
+    pub fn enable(&mut self) {
+        self.delete
+            .extend(["disabled_at_ms", "disabled_reason", "failing_since_ms"]);
+    }
+
+    /// Disabled at `now_ms` for `reason`.
+    pub fn disable(&mut self, now_ms: i64, reason: &str) {
+        self.set.push(("disabled_at_ms", now_ms.to_string()));
+        self.set.push(("disabled_reason", reason.to_owned()));
+    }
+
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.delete.is_empty()
+    }
+}
 
 /// Moves the current secret to `previous_secret` and installs a new one.
 const ROTATE: &str = r"
@@ -177,7 +211,8 @@ return 1
 pub struct SubscriptionStore {
     conn: ConnectionManager,
     prefix: String,
-    set_if_exists: Script,
+    set_nx_if_exists: Script,
+    update: Script,
     rotate: Script,
 }
 
@@ -187,7 +222,8 @@ impl SubscriptionStore {
         Self {
             conn,
             prefix: format!("{prefix}dlv:"),
-            set_if_exists: Script::new(SET_IF_EXISTS),
+            set_nx_if_exists: Script::new(SET_NX_IF_EXISTS),
+            update: Script::new(UPDATE),
             rotate: Script::new(ROTATE),
         }
     }
@@ -278,28 +314,34 @@ impl SubscriptionStore {
         Ok(n == 1)
     }
 
+    /// Applies `change` atomically; false when it does not exist.
+    pub async fn update(&self, id: &str, change: &Change) -> Result<bool, RedisError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.update.key(self.key(id));
+        call.arg(change.set.len());
+        for (field, value) in &change.set {
+            call.arg(*field).arg(value);
+        }
+        for field in &change.delete {
+            call.arg(*field);
+        }
+        let n: i64 = call.invoke_async(&mut conn).await?;
+        Ok(n == 1)
+    }
+
     /// Disables it (no more attempts).
     pub async fn disable(&self, id: &str, now_ms: i64, reason: &str) -> Result<(), RedisError> {
-        let mut conn = self.conn.clone();
-        self.set_if_exists
-            .key(self.key(id))
-            .arg("set")
-            .arg("disabled_at_ms")
-            .arg(now_ms)
-            .arg("disabled_reason")
-            .arg(reason)
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
+        let mut change = Change::default();
+        change.disable(now_ms, reason);
+        self.update(id, &change).await.map(|_| ())
     }
 
     /// Records a failed attempt; returns the start of the failing run.
     pub async fn failed(&self, id: &str, now_ms: i64) -> Result<i64, RedisError> {
         let mut conn = self.conn.clone();
         let since: Option<i64> = self
-            .set_if_exists
+            .set_nx_if_exists
             .key(self.key(id))
-            .arg("nx")
             .arg("failing_since_ms")
             .arg(now_ms)
             .invoke_async(&mut conn)
