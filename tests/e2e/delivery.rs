@@ -1,8 +1,8 @@
 //! Outbound delivery end to end (`hooklog-processor deliver`) on Tansu and
 //! Redis: the seed's agent-to-agent scenario, retries, 410, the DLQ after
 //! the schedule, isolation of a slow subscriber, kill -9, the SSRF guard,
-//! secret rotation, automatic disabling, and moving or re-enabling a
-//! subscription.
+//! secret rotation, automatic disabling, moving or re-enabling a
+//! subscription, and recovering its dead letters.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -851,4 +851,136 @@ async fn patch_moves_and_re_enables_a_disabled_subscription() {
         "a disabled subscription got an event"
     );
     assert!(deliverer.log_text().contains("Subscription updated."));
+}
+
+/// Recovery: dead letters of a subscription go back to its queue once its
+/// endpoint is fixed, each delivered with the same `webhook-id`; those whose
+/// event expired are counted; a disabled subscription is refused.
+#[tokio::test]
+async fn recover_puts_dead_letters_back_once_the_endpoint_is_fixed() {
+    let env = TestEnv::new("dlv-recover");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _deliverer = env.deliverer();
+    // 400 is not retried: each event is dead-lettered at its first attempt.
+    let agent = Receiver::start(&[400, 400, 400, 200], Duration::ZERO).await;
+    let (id, sub_secret) = subscribe(&env, "order.shipped", &agent.url).await;
+    let path = format!("/api/v1/webhooks/{id}/recover");
+    let recover = |body: Option<Value>, key: Option<&'static str>| {
+        let (env, path) = (&env, path.clone());
+        async move {
+            let body = body.map(|b| b.to_string());
+            api(env, reqwest::Method::POST, &path, key, body).await
+        }
+    };
+    let mut dead = Vec::new();
+    for n in 1..=3 {
+        dead.push(
+            ship(
+                &env,
+                &order(&unique("evt_"), &format!("ORD-D{n}"), "order.shipped"),
+            )
+            .await,
+        );
+    }
+    eventually("three dead letters", Duration::from_secs(30), || async {
+        let failed = metric(
+            &env.delivery_url(),
+            "hooklog_delivery_attempts_total",
+            &["outcome=\"failed\""],
+        )
+        .await;
+        (failed >= 3.0).then_some(())
+    })
+    .await;
+
+    for (body, field) in [
+        (json!({"since": "yesterday"}), "since"),
+        (json!({"until": "2026-01-01T00:00:00Z"}), "until"),
+    ] {
+        let (status, answer) = recover(Some(body.clone()), Some(API_KEY)).await;
+        assert_eq!(
+            (status, answer["field"].as_str()),
+            (422, Some(field)),
+            "{body}"
+        );
+    }
+    assert_eq!(recover(None, None).await.0, 401);
+    let (status, answer) = api(
+        &env,
+        reqwest::Method::POST,
+        "/api/v1/webhooks/sub_nope/recover",
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (404, Some("unknown_webhook"))
+    );
+    let (status, answer) = recover(
+        Some(json!({"since": "2999-01-01T00:00:00Z"})),
+        Some(API_KEY),
+    )
+    .await;
+    assert_eq!((status, &answer["requeued"]), (200, &json!(0)), "{answer}");
+    assert_eq!(agent.hits().len(), 3, "nothing was attempted again");
+
+    // One event's body is gone (past delivery.retention_secs): counted, not sent.
+    let expired = dead.remove(0);
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{}dlv:evt:fulfillment/{expired}", env.prefix))
+        .query(&mut env.redis())
+        .unwrap();
+    let (status, answer) = recover(None, Some(API_KEY)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (&answer["requeued"], &answer["expired"]),
+        (&json!(2), &json!(1))
+    );
+    let hits = wait_hits(&agent, 5, Duration::from_secs(30)).await;
+    let mut redelivered: Vec<&str> = hits[3..]
+        .iter()
+        .map(|h| {
+            assert_eq!(h.status, 200);
+            assert!(seed_verifies(&sub_secret, h));
+            h.header("webhook-id").unwrap()
+        })
+        .collect();
+    redelivered.sort_unstable();
+    dead.sort_unstable();
+    assert_eq!(
+        redelivered, dead,
+        "each dead letter delivered again, same id"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(agent.hits().len(), 5, "delivered once each");
+    let (_, answer) = recover(None, Some(API_KEY)).await;
+    assert_eq!(
+        (&answer["requeued"], &answer["expired"]),
+        (&json!(0), &json!(0))
+    );
+    let recovered = metric(
+        &env.delivery_url(),
+        "hooklog_delivery_jobs_recovered_total",
+        &[],
+    )
+    .await;
+    assert_eq!(recovered, 2.0);
+
+    // A disabled subscription is enabled first, or its jobs would die again.
+    let (status, _) = api(
+        &env,
+        reqwest::Method::PATCH,
+        &format!("/api/v1/webhooks/{id}"),
+        Some(API_KEY),
+        Some(json!({"enabled": false}).to_string()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, answer) = recover(None, Some(API_KEY)).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (409, Some("webhook_disabled"))
+    );
 }

@@ -93,6 +93,7 @@ pub fn app(state: Arc<ApiState>) -> Router {
             get(read).patch(update).delete(remove),
         )
         .route("/api/v1/webhooks/{id}/rotate-secret", post(rotate))
+        .route("/api/v1/webhooks/{id}/recover", post(recover))
         .route("/api/v1/webhooks/{id}/deliveries", get(deliveries))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(64 * 1024));
@@ -360,6 +361,58 @@ async fn rotate(State(s): State<Arc<ApiState>>, Path(id): Path<String>, body: By
             .into_response()
         }
         Ok(false) => not_found(),
+        Err(_) => redis_down(),
+    }
+}
+
+/// Puts the subscription's dead letters back in its queue: those given up
+/// since `since` (RFC 3339; absent: every one still kept), e.g. after its
+/// endpoint was fixed. Each is attempted again with the full retry schedule
+/// and the same `webhook-id`. A disabled subscription must be enabled first.
+async fn recover(State(s): State<Arc<ApiState>>, Path(id): Path<String>, body: Bytes) -> Response {
+    let mut since_ms = 0;
+    if !body.is_empty() {
+        let m = match parse_object(&body) {
+            Ok(m) => m,
+            Err(r) => return r.into_response(),
+        };
+        if let Some(k) = m.keys().find(|k| k.as_str() != "since") {
+            return invalid(k, &format!("unknown field {k:?}"));
+        }
+        match string_field(&m, "since") {
+            Ok(None) => {}
+            Ok(Some(text)) => match chrono::DateTime::parse_from_rfc3339(text) {
+                Ok(t) => since_ms = t.timestamp_millis(),
+                Err(_) => {
+                    return invalid(
+                        "since",
+                        "since must be an RFC 3339 time, e.g. 2026-12-01T00:00:00Z",
+                    )
+                }
+            },
+            Err(r) => return r.into_response(),
+        }
+    }
+    match s.subs.get(&id).await {
+        Ok(Some(sub)) if sub.disabled.is_some() => {
+            return error(
+                StatusCode::CONFLICT,
+                "webhook_disabled",
+                "the subscription is disabled: enable it first (PATCH with {\"enabled\": true})",
+            )
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => return not_found(),
+        Err(_) => return redis_down(),
+    }
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    match s.queue.recover(&id, since_ms, now_ms).await {
+        Ok(done) => {
+            s.metrics.recovered(done.requeued);
+            tracing::info!(subscription = %id, requeued = done.requeued, expired = done.expired, "Dead letters recovered.");
+            Json(json!({"id": id, "requeued": done.requeued, "expired": done.expired}))
+                .into_response()
+        }
         Err(_) => redis_down(),
     }
 }

@@ -33,6 +33,7 @@ pub struct DeliveryMetrics {
     paused: Gauge<i64, AtomicI64>,
     latency: Histogram,
     no_room: Counter,
+    recovered: Counter,
 }
 
 impl Default for DeliveryMetrics {
@@ -46,6 +47,7 @@ impl Default for DeliveryMetrics {
         let pending = Gauge::<i64, AtomicI64>::default();
         let paused = Gauge::<i64, AtomicI64>::default();
         let no_room = Counter::default();
+        let recovered = Counter::default();
         let latency = Histogram::new([
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
@@ -94,6 +96,11 @@ impl Default for DeliveryMetrics {
             "Jobs put back unattempted because their body had no room among the bodies in flight (delivery.max_in_flight_bytes)",
             no_room.clone(),
         );
+        registry.register(
+            "jobs_recovered",
+            "Dead-lettered jobs put back in their queue by POST /api/v1/webhooks/{id}/recover",
+            recovered.clone(),
+        );
         Self {
             registry,
             consumed,
@@ -105,6 +112,7 @@ impl Default for DeliveryMetrics {
             paused,
             latency,
             no_room,
+            recovered,
         }
     }
 }
@@ -136,6 +144,10 @@ impl DeliveryMetrics {
     /// A job put back for want of room for its body.
     pub fn waited_for_room(&self) {
         self.no_room.inc();
+    }
+    /// Dead-lettered jobs put back in their queue.
+    pub fn recovered(&self, n: u64) {
+        self.recovered.inc_by(n);
     }
     /// Pending jobs in all.
     pub fn set_pending(&self, n: i64) {

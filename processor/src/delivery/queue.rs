@@ -8,6 +8,8 @@
 //! - `job:<sub>:<source>/<event id>`: attempt count and state, kept for
 //!   `retention_secs` so a redelivered event id is not delivered twice;
 //! - `due:<sub>`: sorted set of the subscription's jobs by due time;
+//! - `dead:<sub>`: sorted set of its dead-lettered jobs by when they were
+//!   given up (the last `retention_secs`), for recovery;
 //! - `log:<sub>`: the latest attempts, for the deliveries endpoint.
 
 use redis::aio::ConnectionManager;
@@ -35,6 +37,30 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, AR
 for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], m) end
 return due
 ";
+
+/// Puts one dead-lettered job back in its queue, due `ARGV[2]`, with its
+/// attempts from zero: 1 done, 0 when its event expired, 2 when it is no
+/// longer dead (delivered, or already back in the queue).
+const RECOVER: &str = r"
+redis.call('ZREM', KEYS[4], ARGV[1])
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'delivered' or state == 'pending' then return 2 end
+if not state or redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'attempt', 0, 'state', 'pending')
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+";
+
+/// What a recovery did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Recovered {
+    /// Jobs back in the queue.
+    pub requeued: u64,
+    /// Dead letters whose event body had expired: only on the DLQ topic now.
+    pub expired: u64,
+}
 
 /// The event a job delivers.
 #[derive(Debug, Clone)]
@@ -96,6 +122,7 @@ pub struct Queue {
     retention_secs: u64,
     enqueue: Script,
     claim: Script,
+    recover: Script,
     /// Replicas new jobs wait for before the fan-out commits their offsets.
     replica_wait: Option<ReplicaWait>,
     /// The connection new jobs are written on: `conn`, or one of their own
@@ -114,6 +141,7 @@ impl Queue {
             retention_secs,
             enqueue: Script::new(ENQUEUE),
             claim: Script::new(CLAIM),
+            recover: Script::new(RECOVER),
             replica_wait: None,
         }
     }
@@ -139,6 +167,9 @@ impl Queue {
     }
     fn log_key(&self, sub: &str) -> String {
         format!("{}log:{sub}", self.prefix)
+    }
+    fn dead_key(&self, sub: &str) -> String {
+        format!("{}dead:{sub}", self.prefix)
     }
 
     /// Creates the jobs in one pipeline; returns how many were new.
@@ -284,7 +315,9 @@ impl Queue {
             .await
     }
 
-    /// Ends a job in a final state (delivered, failed, dead, disabled).
+    /// Ends a job in a final state (delivered, failed, dead, disabled);
+    /// every state but delivered is a dead letter, remembered for
+    /// [`Queue::recover`].
     pub async fn finish(
         &self,
         sub: &str,
@@ -293,8 +326,8 @@ impl Queue {
         state: &str,
     ) -> Result<(), RedisError> {
         let mut conn = self.conn.clone();
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .hset_multiple(
                 self.job_key(sub, member),
                 &[
@@ -304,9 +337,68 @@ impl Queue {
             )
             .ignore()
             .zrem(self.due_key(sub), member)
-            .ignore()
-            .query_async(&mut conn)
-            .await
+            .ignore();
+        if state != "delivered" {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let dead = self.dead_key(sub);
+            let retention_ms = (self.retention_secs as i64).saturating_mul(1000);
+            pipe.zadd(&dead, member, now_ms)
+                .ignore()
+                .zrembyscore(&dead, "-inf", now_ms - retention_ms)
+                .ignore()
+                .expire(&dead, self.retention_secs as i64)
+                .ignore();
+        }
+        pipe.query_async(&mut conn).await
+    }
+
+    /// Puts the jobs of `sub` given up from `since_ms` until `now_ms` back
+    /// in its queue, due now, their attempts from zero (the full retry
+    /// schedule again, the same `webhook-id`). Their events must still be
+    /// kept (`retention_secs`); the others are counted as expired.
+    pub async fn recover(
+        &self,
+        sub: &str,
+        since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Recovered, RedisError> {
+        const CHUNK: usize = 500;
+        let mut conn = self.conn.clone();
+        self.recover.prepare_invoke().load_async(&mut conn).await?;
+        let (dead, due) = (self.dead_key(sub), self.due_key(sub));
+        let mut out = Recovered::default();
+        loop {
+            // Each chunk leaves the set, so the loop ends; jobs given up
+            // after `now_ms` (a recovered one failing again) are not taken.
+            let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(&dead)
+                .arg(since_ms)
+                .arg(now_ms)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(CHUNK)
+                .query_async(&mut conn)
+                .await?;
+            if members.is_empty() {
+                return Ok(out);
+            }
+            let mut pipe = redis::pipe();
+            for m in &members {
+                pipe.cmd("EVALSHA")
+                    .arg(self.recover.get_hash())
+                    .arg(4)
+                    .arg(self.job_key(sub, m))
+                    .arg(self.evt_key(m))
+                    .arg(&due)
+                    .arg(&dead)
+                    .arg(m)
+                    .arg(now_ms)
+                    .arg(self.retention_secs);
+            }
+            let replies: Vec<i64> = pipe.query_async(&mut conn).await?;
+            out.requeued += replies.iter().filter(|r| **r == 1).count() as u64;
+            out.expired += replies.iter().filter(|r| **r == 0).count() as u64;
+        }
     }
 
     /// Appends to the delivery log (latest 100 kept).
@@ -348,11 +440,13 @@ impl Queue {
             .await
     }
 
-    /// Forgets a deleted subscription's queue and log.
+    /// Forgets a deleted subscription's queue, dead letters and log.
     pub async fn drop_subscription(&self, sub: &str) -> Result<(), RedisError> {
         let mut conn = self.conn.clone();
         redis::pipe()
             .del(self.due_key(sub))
+            .ignore()
+            .del(self.dead_key(sub))
             .ignore()
             .del(self.log_key(sub))
             .ignore()
