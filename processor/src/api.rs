@@ -16,6 +16,7 @@ use crate::bearer::{unauthorized, BearerKeys};
 use crate::consume::Health;
 use crate::metrics::Metrics;
 use crate::projection::store::Store;
+use crate::rebuild::OnRequest;
 
 /// Shared state of the HTTP handlers.
 pub struct ApiState {
@@ -29,8 +30,8 @@ pub struct ApiState {
     pub health: Arc<Health>,
     /// Keys of the admin endpoints; none: they are off.
     pub admin_keys: BearerKeys,
-    /// Starts a rebuild in the background (admin endpoint).
-    pub start_rebuild: Box<dyn Fn(String) -> bool + Send + Sync>,
+    /// Starts rebuilds in the background (admin endpoint).
+    pub rebuilds: OnRequest,
 }
 
 /// A JSON error answer `{"error": code, "message": …}` (both HTTP servers).
@@ -137,18 +138,22 @@ async fn rebuild(
             "no such projection",
         );
     }
-    if (s.start_rebuild)(projection.clone()) {
-        (
+    match s.rebuilds.start(&projection).await {
+        Ok(true) => (
             StatusCode::ACCEPTED,
             Json(json!({"status": "started", "projection": projection})),
         )
-            .into_response()
-    } else {
-        error(
+            .into_response(),
+        Ok(false) => error(
             StatusCode::CONFLICT,
             "rebuild_running",
-            "a rebuild of this projection is already running here",
-        )
+            "a rebuild, verify or prune of this projection is already running",
+        ),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis_unavailable",
+            "redis is unavailable",
+        ),
     }
 }
 

@@ -33,13 +33,12 @@ pub mod replicas;
 pub mod spans;
 pub mod topics;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::batch::BatchLimit;
 use crate::config::Config;
@@ -166,53 +165,10 @@ pub async fn run(
     let publisher = changelog::Publisher::new(&config.kafka)?;
     let consumer = Arc::new(consume::consumer(&config)?);
 
-    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let start_rebuild = {
-        let (config, store, metrics, running) = (
-            config.clone(),
-            store.clone(),
-            metrics.clone(),
-            running.clone(),
-        );
-        Box::new(move |name: String| {
-            if !running.lock().expect("lock").insert(name.clone()) {
-                return false;
-            }
-            let (config, store, metrics, running) = (
-                config.clone(),
-                store.clone(),
-                metrics.clone(),
-                running.clone(),
-            );
-            tokio::spawn(async move {
-                let spec = config
-                    .projection(&name)
-                    .expect("checked by the handler")
-                    .clone();
-                let options = rebuild::Options::default();
-                match rebuild::run(
-                    &config,
-                    &store,
-                    &spec,
-                    rebuild::Mode::Switch,
-                    &metrics,
-                    options,
-                )
-                .await
-                {
-                    Ok(r) => {
-                        info!(projection = %name, version = r.version, records = r.records, "Rebuild finished.");
-                        tokio::time::sleep(options.grace).await;
-                        if let Err(e) = rebuild::delete_version(&store, &name, r.previous).await {
-                            warn!(error = %e, "Old version not deleted.");
-                        }
-                    }
-                    Err(e) => error!(projection = %name, error = %e, "Rebuild failed."),
-                }
-                running.lock().expect("lock").remove(&name);
-            });
-            true
-        })
+    let rebuilds = rebuild::OnRequest {
+        config: config.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
     };
     let api_state = Arc::new(api::ApiState {
         projections: config.projections.iter().map(|p| p.name.clone()).collect(),
@@ -220,7 +176,7 @@ pub async fn run(
         metrics: metrics.clone(),
         health: health.clone(),
         admin_keys,
-        start_rebuild,
+        rebuilds,
     });
     let stop = shutdown.clone();
     let server = axum::serve(listener, api::app(api_state))

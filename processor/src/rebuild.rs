@@ -111,7 +111,8 @@ const REPLAY_BATCH: usize = 20_000;
 /// records' size (20,000 records of ~1 KB are ~21 MB).
 const REPLAY_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
-/// Runs a rebuild or verify of `spec`.
+/// Runs a rebuild or verify of `spec`, once it holds the projection's
+/// rebuild lock (an error when another rebuild, verify or prune holds it).
 pub async fn run(
     config: &Config,
     store: &Store,
@@ -120,9 +121,23 @@ pub async fn run(
     metrics: &Arc<Metrics>,
     options: Options,
 ) -> anyhow::Result<Report> {
+    let lock = Lock::acquire(store, &spec.name).await?;
+    run_locked(config, store, spec, mode, metrics, options, lock).await
+}
+
+/// [`run`] under a lock the caller took (the HTTP endpoint takes it
+/// before it answers, so that a 202 means the rebuild really started).
+pub async fn run_locked(
+    config: &Config,
+    store: &Store,
+    spec: &ProjectionSpec,
+    mode: Mode,
+    metrics: &Arc<Metrics>,
+    options: Options,
+    lock: Lock,
+) -> anyhow::Result<Report> {
     let name = spec.name.as_str();
     let mut conn = store.connection();
-    let lock = Lock::acquire(store, name).await?;
     remove_orphans(store, name).await?;
     let previous = store.current_version(name).await?;
     let counter = format!("{}:version_counter", store.base(name));
@@ -239,10 +254,58 @@ pub async fn run(
     outcome.map(|_| report)
 }
 
+/// Rebuilds started by a running processor (`POST
+/// /v1/projections/{name}/rebuild`), in the background.
+pub struct OnRequest {
+    /// The processor's configuration.
+    pub config: Arc<Config>,
+    /// Redis.
+    pub store: Store,
+    /// The processor's metrics (rebuild progress).
+    pub metrics: Arc<Metrics>,
+}
+
+impl OnRequest {
+    /// Starts a rebuild of `name` in the background once it holds the
+    /// projection's lock; false while a rebuild, verify or prune of it runs
+    /// anywhere. The previous version is deleted after the default grace.
+    pub async fn start(&self, name: &str) -> anyhow::Result<bool> {
+        let spec = self
+            .config
+            .projection(name)
+            .ok_or_else(|| anyhow::anyhow!("no projection {name}"))?
+            .clone();
+        let Some(lock) = Lock::try_acquire(&self.store, name).await? else {
+            return Ok(false);
+        };
+        let (config, store, metrics) = (
+            self.config.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+        );
+        tokio::spawn(async move {
+            let name = spec.name.clone();
+            let options = Options::default();
+            let mode = Mode::Switch;
+            match run_locked(&config, &store, &spec, mode, &metrics, options, lock).await {
+                Ok(r) => {
+                    info!(projection = %name, version = r.version, records = r.records, "Rebuild finished.");
+                    tokio::time::sleep(options.grace).await;
+                    if let Err(e) = delete_version(&store, &name, r.previous).await {
+                        warn!(error = %e, "Old version not deleted.");
+                    }
+                }
+                Err(e) => tracing::error!(projection = %name, error = %e, "Rebuild failed."),
+            }
+        });
+        Ok(true)
+    }
+}
+
 /// `P{NAME}:rebuild_lock`: one rebuild, verify or prune of a projection at
 /// a time. It expires unless renewed, so a killed holder frees it within
-/// [`LOCK_TTL_SECS`].
-struct Lock {
+/// `LOCK_TTL_SECS` (10 s).
+pub struct Lock {
     store: Store,
     key: String,
     token: String,
@@ -251,6 +314,17 @@ struct Lock {
 
 impl Lock {
     async fn acquire(store: &Store, projection: &str) -> anyhow::Result<Lock> {
+        match Self::try_acquire(store, projection).await? {
+            Some(lock) => Ok(lock),
+            None => anyhow::bail!(
+                "a rebuild, verify or prune of {projection} is already running (lock {}:rebuild_lock)",
+                store.base(projection)
+            ),
+        }
+    }
+
+    /// The lock, or `None` while another process (or task) holds it.
+    pub async fn try_acquire(store: &Store, projection: &str) -> anyhow::Result<Option<Lock>> {
         let key = format!("{}:rebuild_lock", store.base(projection));
         let token = format!(
             "{}-{}",
@@ -266,9 +340,7 @@ impl Lock {
             .query_async(&mut store.connection())
             .await?;
         if locked.is_none() {
-            anyhow::bail!(
-                "a rebuild, verify or prune of {projection} is already running (lock {key})"
-            );
+            return Ok(None);
         }
         let renewal = tokio::spawn({
             let mut conn = store.connection();
@@ -280,12 +352,12 @@ impl Lock {
                 }
             }
         });
-        Ok(Lock {
+        Ok(Some(Lock {
             store: store.clone(),
             key,
             token,
             renewal,
-        })
+        }))
     }
 
     /// Stops renewing and removes the lock if it is still this one's.
@@ -295,7 +367,7 @@ impl Lock {
     }
 }
 
-/// A lock dropped without [`Lock::release`] (an early error) stops being
+/// A lock dropped without `Lock::release` (an early error) stops being
 /// renewed and expires on its own.
 impl Drop for Lock {
     fn drop(&mut self) {

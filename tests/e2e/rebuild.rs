@@ -679,6 +679,26 @@ async fn the_rebuild_endpoint_needs_an_admin_key() {
     };
     assert_eq!(current(&env), 1, "a refused request started a rebuild");
 
+    // Another rebuild, verify or prune holds the projection's lock (any
+    // replica, or the CLI): refused, not "started" in vain.
+    let lock = format!("{}{{orders}}:rebuild_lock", env.prefix);
+    let _: () = redis::cmd("SET")
+        .arg(&lock)
+        .arg("another-process")
+        .arg("EX")
+        .arg(30)
+        .query(&mut env.redis())
+        .unwrap();
+    let (status, body, _) = post_rebuild(&env, "orders", Some(ADMIN_KEY)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("rebuild_running"))
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&lock)
+        .query(&mut env.redis())
+        .unwrap();
+
     let (status, body, _) = post_rebuild(&env, "orders", Some(ADMIN_KEY)).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["status"], "started");
