@@ -652,7 +652,7 @@ async fn differences(
 }
 
 /// Watermarks, retried: a busy broker may time out once or twice.
-fn watermarks(
+pub(crate) fn watermarks(
     consumer: &StreamConsumer,
     topic: &str,
     partition: i32,

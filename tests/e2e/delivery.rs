@@ -2,7 +2,7 @@
 //! Redis: the seed's agent-to-agent scenario, retries, 410, the DLQ after
 //! the schedule, isolation of a slow subscriber, kill -9, the SSRF guard,
 //! secret rotation, automatic disabling, moving or re-enabling a
-//! subscription, and recovering its dead letters.
+//! subscription, recovering its dead letters and replaying its history.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -983,4 +983,143 @@ async fn recover_puts_dead_letters_back_once_the_endpoint_is_fixed() {
         (status, answer["error"].as_str()),
         (409, Some("webhook_disabled"))
     );
+}
+
+/// Polls a replay's status until it is no longer running.
+async fn replay_finished(env: &TestEnv, path: &str) -> Value {
+    eventually("the replay to finish", Duration::from_secs(60), || async {
+        let (_, s) = api(env, reqwest::Method::GET, path, Some(API_KEY), None).await;
+        (s["state"] != "running").then_some(s)
+    })
+    .await
+}
+
+/// Replay: events received before the subscription existed are queued on
+/// request, within the window asked for and once each; what it already got
+/// is not sent again.
+#[tokio::test]
+async fn replay_queues_what_a_subscription_never_got() {
+    let env = TestEnv::new("dlv-replay");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let deliverer = env.deliverer();
+    let before_window = ship(&env, &order(&unique("evt_"), "ORD-R0", "order.shipped")).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let since = hooklog_processor::delivery::subscription::rfc3339(now_ms);
+    let mut missed = Vec::new();
+    for n in 1..=2 {
+        missed.push(
+            ship(
+                &env,
+                &order(&unique("evt_"), &format!("ORD-R{n}"), "order.shipped"),
+            )
+            .await,
+        );
+    }
+    ship(&env, &order(&unique("evt_"), "ORD-R1", "order.delivered")).await;
+
+    let agent = Receiver::start(&[200], Duration::ZERO).await;
+    let (id, _) = subscribe(&env, "order.shipped", &agent.url).await;
+    let live = ship(&env, &order(&unique("evt_"), "ORD-R3", "order.shipped")).await;
+    wait_hits(&agent, 1, Duration::from_secs(30)).await;
+    let path = format!("/api/v1/webhooks/{id}/replay");
+    let replay = |body: Value| {
+        let (env, path) = (&env, path.clone());
+        async move {
+            api(
+                env,
+                reqwest::Method::POST,
+                &path,
+                Some(API_KEY),
+                Some(body.to_string()),
+            )
+            .await
+        }
+    };
+
+    for (body, field) in [
+        (json!({}), "since"),
+        (json!({"since": "last week"}), "since"),
+        (
+            json!({"since": since, "until": "2020-01-01T00:00:00Z"}),
+            "since",
+        ),
+        (json!({"since": since, "limit": 5}), "limit"),
+    ] {
+        let (status, answer) = replay(body.clone()).await;
+        assert_eq!(
+            (status, answer["field"].as_str()),
+            (422, Some(field)),
+            "{body}"
+        );
+    }
+    let (status, answer) = api(&env, reqwest::Method::GET, &path, Some(API_KEY), None).await;
+    assert_eq!((status, answer["error"].as_str()), (404, Some("no_replay")));
+    // One replay of a subscription at a time, across replicas.
+    let lock = format!("{}dlv:replay-lock:{id}", env.prefix);
+    let _: () = redis::cmd("SET")
+        .arg(&lock)
+        .arg("elsewhere")
+        .query(&mut env.redis())
+        .unwrap();
+    let (status, answer) = replay(json!({"since": since})).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (409, Some("replay_running"))
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&lock)
+        .query(&mut env.redis())
+        .unwrap();
+
+    let (status, answer) = replay(json!({"since": since})).await;
+    assert_eq!(
+        (status, &answer["state"]),
+        (202, &json!("running")),
+        "{answer}"
+    );
+    let status = replay_finished(&env, &path).await;
+    assert_eq!(
+        (&status["state"], &status["queued"]),
+        (&json!("done"), &json!(2)),
+        "{status}"
+    );
+    assert!(status["scanned"].as_u64().unwrap() >= 5, "{status}");
+    let hits = wait_hits(&agent, 3, Duration::from_secs(30)).await;
+    let mut got: Vec<&str> = hits
+        .iter()
+        .map(|h| h.header("webhook-id").unwrap())
+        .collect();
+    got.sort_unstable();
+    let mut expected: Vec<&str> = missed.iter().map(String::as_str).collect();
+    expected.push(&live);
+    expected.sort_unstable();
+    assert_eq!(
+        got, expected,
+        "the missed events and the live one, once each"
+    );
+    assert!(!got.contains(&before_window.as_str()));
+
+    // Again: everything in the window has its job already.
+    replay(json!({"since": since})).await;
+    let status = replay_finished(&env, &path).await;
+    assert_eq!(
+        (&status["state"], &status["queued"]),
+        (&json!("done"), &json!(0)),
+        "{status}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(agent.hits().len(), 3, "nothing delivered twice");
+    let replayed = metric(
+        &env.delivery_url(),
+        "hooklog_delivery_jobs_replayed_total",
+        &[],
+    )
+    .await;
+    assert_eq!(replayed, 2.0);
+    assert!(deliverer.log_text().contains("Replay finished."));
 }

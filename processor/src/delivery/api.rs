@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 use super::guard::{self, UrlPolicy};
 use super::metrics::DeliveryMetrics;
 use super::queue::Queue;
+use super::replay::{Replays, Window};
 use super::subscription::{self, rfc3339, Subscription, SubscriptionCache, SubscriptionStore};
 use crate::api::{error, prometheus, readiness, with_json_fallbacks};
 use crate::bearer::{unauthorized, BearerKeys};
@@ -29,6 +30,8 @@ pub struct ApiState {
     pub cache: Arc<SubscriptionCache>,
     /// Jobs and the delivery log.
     pub queue: Queue,
+    /// Replays of subscriptions' history.
+    pub replays: Replays,
     /// Accepted bearer keys.
     pub api_keys: BearerKeys,
     /// Callback URL policy.
@@ -94,6 +97,10 @@ pub fn app(state: Arc<ApiState>) -> Router {
         )
         .route("/api/v1/webhooks/{id}/rotate-secret", post(rotate))
         .route("/api/v1/webhooks/{id}/recover", post(recover))
+        .route(
+            "/api/v1/webhooks/{id}/replay",
+            post(replay).get(replay_status),
+        )
         .route("/api/v1/webhooks/{id}/deliveries", get(deliveries))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(64 * 1024));
@@ -379,28 +386,13 @@ async fn recover(State(s): State<Arc<ApiState>>, Path(id): Path<String>, body: B
         if let Some(k) = m.keys().find(|k| k.as_str() != "since") {
             return invalid(k, &format!("unknown field {k:?}"));
         }
-        match string_field(&m, "since") {
-            Ok(None) => {}
-            Ok(Some(text)) => match chrono::DateTime::parse_from_rfc3339(text) {
-                Ok(t) => since_ms = t.timestamp_millis(),
-                Err(_) => {
-                    return invalid(
-                        "since",
-                        "since must be an RFC 3339 time, e.g. 2026-12-01T00:00:00Z",
-                    )
-                }
-            },
+        match time_field(&m, "since") {
+            Ok(since) => since_ms = since.unwrap_or(0),
             Err(r) => return r.into_response(),
         }
     }
     match s.subs.get(&id).await {
-        Ok(Some(sub)) if sub.disabled.is_some() => {
-            return error(
-                StatusCode::CONFLICT,
-                "webhook_disabled",
-                "the subscription is disabled: enable it first (PATCH with {\"enabled\": true})",
-            )
-        }
+        Ok(Some(sub)) if sub.disabled.is_some() => return disabled(),
         Ok(Some(_)) => {}
         Ok(None) => return not_found(),
         Err(_) => return redis_down(),
@@ -415,6 +407,86 @@ async fn recover(State(s): State<Arc<ApiState>>, Path(id): Path<String>, body: B
         }
         Err(_) => redis_down(),
     }
+}
+
+/// Queues again the events received in a time window that match the
+/// subscription and that it never got (from before it was created, or from
+/// while it was disabled): `{"since", "until"?}` (RFC 3339; `until`
+/// defaults to now). Runs in the background: 202, then `GET` the same path.
+async fn replay(State(s): State<Arc<ApiState>>, Path(id): Path<String>, body: Bytes) -> Response {
+    let m = match parse_object(&body) {
+        Ok(m) => m,
+        Err(r) => return r.into_response(),
+    };
+    if let Some(k) = m.keys().find(|k| !["since", "until"].contains(&k.as_str())) {
+        return invalid(k, &format!("unknown field {k:?}"));
+    }
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let (since_ms, until_ms) = match (time_field(&m, "since"), time_field(&m, "until")) {
+        (Ok(Some(since)), Ok(until)) => (since, until.unwrap_or(now_ms).min(now_ms)),
+        (Ok(None), _) => return invalid("since", "since is required"),
+        (Err(r), _) | (_, Err(r)) => return r.into_response(),
+    };
+    if since_ms > until_ms {
+        return invalid("since", "since must not be after until (or now)");
+    }
+    let sub = match s.subs.get(&id).await {
+        Ok(Some(sub)) if sub.disabled.is_some() => return disabled(),
+        Ok(Some(sub)) => sub,
+        Ok(None) => return not_found(),
+        Err(_) => return redis_down(),
+    };
+    let window = Window { since_ms, until_ms };
+    match s.replays.start(sub, window).await {
+        Ok(true) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"id": id, "state": "running", "since": rfc3339(since_ms), "until": rfc3339(until_ms)})),
+        )
+            .into_response(),
+        Ok(false) => error(
+            StatusCode::CONFLICT,
+            "replay_running",
+            "a replay of this subscription is running; see GET …/replay",
+        ),
+        Err(_) => redis_down(),
+    }
+}
+
+/// The latest replay of the subscription: state (running, done, failed),
+/// its window, records scanned and jobs queued.
+async fn replay_status(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    match s.replays.status(&id).await {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "no_replay",
+            "no replay of this subscription is known",
+        ),
+        Err(_) => redis_down(),
+    }
+}
+
+/// An optional RFC 3339 field as Unix ms.
+fn time_field(m: &Map<String, Value>, name: &str) -> Result<Option<i64>, BadRequest> {
+    let Some(text) = string_field(m, name)? else {
+        return Ok(None);
+    };
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| Some(t.timestamp_millis()))
+        .map_err(|_| {
+            BadRequest::field(
+                name,
+                &format!("{name} must be an RFC 3339 time, e.g. 2026-12-01T00:00:00Z"),
+            )
+        })
+}
+
+fn disabled() -> Response {
+    error(
+        StatusCode::CONFLICT,
+        "webhook_disabled",
+        "the subscription is disabled: enable it first (PATCH with {\"enabled\": true})",
+    )
 }
 
 async fn deliveries(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {

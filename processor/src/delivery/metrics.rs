@@ -34,6 +34,7 @@ pub struct DeliveryMetrics {
     latency: Histogram,
     no_room: Counter,
     recovered: Counter,
+    replayed: Counter,
 }
 
 impl Default for DeliveryMetrics {
@@ -48,6 +49,7 @@ impl Default for DeliveryMetrics {
         let paused = Gauge::<i64, AtomicI64>::default();
         let no_room = Counter::default();
         let recovered = Counter::default();
+        let replayed = Counter::default();
         let latency = Histogram::new([
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
@@ -101,6 +103,11 @@ impl Default for DeliveryMetrics {
             "Dead-lettered jobs put back in their queue by POST /api/v1/webhooks/{id}/recover",
             recovered.clone(),
         );
+        registry.register(
+            "jobs_replayed",
+            "Jobs created by replays (POST /api/v1/webhooks/{id}/replay)",
+            replayed.clone(),
+        );
         Self {
             registry,
             consumed,
@@ -113,6 +120,7 @@ impl Default for DeliveryMetrics {
             latency,
             no_room,
             recovered,
+            replayed,
         }
     }
 }
@@ -148,6 +156,10 @@ impl DeliveryMetrics {
     /// Dead-lettered jobs put back in their queue.
     pub fn recovered(&self, n: u64) {
         self.recovered.inc_by(n);
+    }
+    /// Jobs created by a replay.
+    pub fn replayed(&self, n: u64) {
+        self.replayed.inc_by(n);
     }
     /// Pending jobs in all.
     pub fn set_pending(&self, n: i64) {

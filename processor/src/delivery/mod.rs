@@ -9,6 +9,7 @@
 //! - [`guard`]: the SSRF guard for callback URLs;
 //! - [`fanout`]: raw topics (own consumer group) → durable jobs;
 //! - [`queue`]: the Redis job queue with leases and the delivery log;
+//! - [`replay`]: a subscription's history queued again on request;
 //! - [`worker`]: claims due jobs per endpoint and makes the attempts;
 //! - [`policy`]: what an answer means and when to retry (pure);
 //! - [`sign`]: `X-Webhook-Signature` and Standard Webhooks headers;
@@ -20,6 +21,7 @@ pub mod guard;
 pub mod metrics;
 pub mod policy;
 pub mod queue;
+pub mod replay;
 pub mod sign;
 pub mod subscription;
 pub mod worker;
@@ -54,6 +56,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let keys = api_keys(&config)?;
+    let config = Arc::new(config);
     let settings = Arc::new(worker::Settings::from(&config.delivery));
     let Some(store) = crate::connect_store(&config, &shutdown).await? else {
         return Ok(());
@@ -71,10 +74,18 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let publisher = Publisher::new(&config.kafka)?;
 
+    let replays = replay::Replays {
+        config: config.clone(),
+        queue: queue.clone(),
+        conn: store.connection(),
+        prefix: prefix.clone(),
+        metrics: metrics.clone(),
+    };
     let state = Arc::new(api::ApiState {
         subs: subs.clone(),
         cache: cache.clone(),
         queue: queue.clone(),
+        replays,
         api_keys: keys,
         policy: settings.policy,
         rotation_grace_secs: config.delivery.rotation_grace_secs,

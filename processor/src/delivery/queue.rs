@@ -156,6 +156,11 @@ impl Queue {
         self
     }
 
+    /// How long jobs and events are kept (`delivery.retention_secs`).
+    pub fn retention_secs(&self) -> u64 {
+        self.retention_secs
+    }
+
     fn job_key(&self, sub: &str, member: &str) -> String {
         format!("{}job:{sub}:{member}", self.prefix)
     }
