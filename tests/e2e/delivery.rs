@@ -1122,4 +1122,14 @@ async fn replay_queues_what_a_subscription_never_got() {
     .await;
     assert_eq!(replayed, 2.0);
     assert!(deliverer.log_text().contains("Replay finished."));
+
+    // A replay left marked running by a replica that died (its lock gone).
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}dlv:replay:{id}", env.prefix))
+        .arg("state")
+        .arg("running")
+        .query(&mut env.redis())
+        .unwrap();
+    let (_, status) = api(&env, reqwest::Method::GET, &path, Some(API_KEY), None).await;
+    assert_eq!(status["state"], "interrupted", "{status}");
 }

@@ -154,11 +154,24 @@ impl Replays {
     }
 
     /// The latest replay of `sub`, if one was started within the retention.
+    /// A replay still marked running whose lock is gone was cut off (its
+    /// replica stopped): `interrupted`.
     pub async fn status(&self, sub: &str) -> Result<Option<Value>, redis::RedisError> {
         let mut conn = self.conn.clone();
-        let h: HashMap<String, String> = conn.hgetall(self.status_key(sub)).await?;
+        let (mut h, locked): (HashMap<String, String>, bool) = redis::pipe()
+            .hgetall(self.status_key(sub))
+            .exists(self.lock_key(sub))
+            .query_async(&mut conn)
+            .await?;
         if h.is_empty() {
             return Ok(None);
+        }
+        if h.get("state").map(String::as_str) == Some("running") && !locked {
+            h.insert("state".into(), "interrupted".into());
+            h.insert(
+                "error".into(),
+                "the replica running it stopped; replay again (what it queued is skipped)".into(),
+            );
         }
         let count = |k: &str| h.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         Ok(Some(json!({
