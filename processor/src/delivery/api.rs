@@ -284,7 +284,7 @@ async fn remove(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Respo
 /// disables (`"enabled": false`, reason `manual`) or re-enables a
 /// subscription, e.g. one disabled after its endpoint answered 410 or kept
 /// failing. Its id and secret stay; re-enabled, it gets the events received
-/// from then on (those of the time it was disabled are not delivered).
+/// from then on (`…/replay` queues those of the time it was disabled).
 async fn update(State(s): State<Arc<ApiState>>, Path(id): Path<String>, body: Bytes) -> Response {
     let m = match parse_object(&body) {
         Ok(m) => m,
