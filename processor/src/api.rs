@@ -86,9 +86,13 @@ async fn list(State(s): State<Arc<ApiState>>) -> Response {
     Json(json!({"projections": out})).into_response()
 }
 
+/// An entity's state, with a strong `ETag` (its version and `~rev`, which
+/// every write changes): a reader polling with `If-None-Match` gets `304`
+/// and no body until the entity changes.
 async fn read(
     State(s): State<Arc<ApiState>>,
     Path((projection, key)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Response {
     if !s.projections.contains(&projection) {
         return error(
@@ -98,11 +102,28 @@ async fn read(
         );
     }
     match s.store.read(&projection, &key, None).await {
-        Ok(Some(state)) => (
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            state.json,
-        )
-            .into_response(),
+        Ok(Some(state)) => {
+            let etag = format!("\"{}.{}\"", state.version, state.rev);
+            let cached = headers
+                .get_all(header::IF_NONE_MATCH)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|tag| {
+                    let tag = tag.trim();
+                    tag == "*" || tag.trim_start_matches("W/") == etag
+                });
+            let tags = [
+                (header::ETAG, etag),
+                (header::CACHE_CONTROL, "no-cache".to_owned()),
+            ];
+            if cached {
+                (StatusCode::NOT_MODIFIED, tags).into_response()
+            } else {
+                let json = [(header::CONTENT_TYPE, "application/json".to_owned())];
+                (tags, json, state.json).into_response()
+            }
+        }
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "unknown_key",

@@ -95,6 +95,39 @@ async fn seed_scenarios_from_webhook_to_read_api_and_changelog() {
     assert_eq!(order["updated_at"], "2025-03-01T12:00:00.000Z");
     assert_eq!(order["version"], 1);
 
+    // Conditional reads: 304 until the entity changes, then a new ETag.
+    let url = format!("{}/v1/projections/orders/ORD-633261", env.processor_url());
+    let client = reqwest::Client::new();
+    let etag = client.get(&url).send().await.unwrap().headers()["etag"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let again = client
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    assert_eq!(again.headers()["etag"].to_str().unwrap(), etag);
+    assert!(again.bytes().await.unwrap().is_empty());
+    let delivered = r#"{"event_type":"order.delivered","order_id":"ORD-633261","delivered_at":"2025-03-02T09:30:00Z"}"#;
+    send(&env, "fulfillment", "hmac-sha256", delivered, "").await;
+    wait_state(&env, "orders", "ORD-633261", |s| {
+        s["state"]["status"] == "delivered"
+    })
+    .await;
+    let changed = client
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), 200);
+    assert_ne!(changed.headers()["etag"].to_str().unwrap(), etag);
+    let changed: Value = changed.json().await.unwrap();
+    assert_eq!(changed["state"]["delivered_at"], "2025-03-02T09:30:00Z");
+
     let charge = wait_state(&env, "charges", "ch_1H6XgJ2eZvKYlo2C0Lq5sJgQ", |_| true).await;
     assert_eq!(charge["state"]["amount"], 2000);
     assert_eq!(charge["state"]["currency"], "usd");
