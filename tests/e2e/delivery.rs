@@ -2,7 +2,8 @@
 //! Redis: the seed's agent-to-agent scenario, retries, 410, the DLQ after
 //! the schedule, isolation of a slow subscriber, kill -9, the SSRF guard,
 //! secret rotation, automatic disabling, moving or re-enabling a
-//! subscription, recovering its dead letters and replaying its history.
+//! subscription, recovering its dead letters, replaying its history, and
+//! test events.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -1132,4 +1133,76 @@ async fn replay_queues_what_a_subscription_never_got() {
         .unwrap();
     let (_, status) = api(&env, reqwest::Method::GET, &path, Some(API_KEY), None).await;
     assert_eq!(status["state"], "interrupted", "{status}");
+}
+
+/// A test event reaches the receiver signed like a delivery, reports what
+/// the receiver answered, and leaves nothing queued or logged.
+#[tokio::test]
+async fn a_test_event_reports_the_receivers_answer_and_queues_nothing() {
+    let env = TestEnv::new("dlv-test");
+    env.create_topics();
+    let _deliverer = env.deliverer();
+    let agent = Receiver::start(&[401, 200], Duration::ZERO).await;
+    let (id, sub_secret) = subscribe(&env, "order.shipped", &agent.url).await;
+    let path = format!("/api/v1/webhooks/{id}/test");
+    let send_test = || api(&env, reqwest::Method::POST, &path, Some(API_KEY), None);
+
+    let (status, first) = send_test().await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(
+        (&first["delivered"], &first["status_code"]),
+        (&json!(false), &json!(401))
+    );
+    let (_, second) = send_test().await;
+    assert_eq!(
+        (&second["delivered"], &second["status_code"]),
+        (&json!(true), &json!(200))
+    );
+    let hits = agent.hits();
+    assert_eq!(hits.len(), 2);
+    let hit = &hits[1];
+    assert_eq!(hit.header("webhook-id"), second["event_id"].as_str());
+    assert!(hit.header("webhook-id").unwrap().starts_with("test_"));
+    assert_eq!(hit.header("x-webhook-event-type"), Some("hooklog.test"));
+    assert!(seed_verifies(&sub_secret, hit) && standard_verifies(&sub_secret, hit));
+    let body: Value = serde_json::from_slice(&hit.body).unwrap();
+    assert_eq!(body["subscription_id"], json!(id));
+
+    let down = Receiver::start(&[200], Duration::ZERO).await;
+    let (down_id, _) = subscribe(&env, "order.shipped", &down.url).await;
+    down.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, answer) = api(
+        &env,
+        reqwest::Method::POST,
+        &format!("/api/v1/webhooks/{down_id}/test"),
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (&answer["delivered"], &answer["error"]),
+        (&json!(false), &json!("connect"))
+    );
+    let (status, _) = api(&env, reqwest::Method::POST, &path, None, None).await;
+    assert_eq!(status, 401);
+    let (status, _) = api(
+        &env,
+        reqwest::Method::POST,
+        "/api/v1/webhooks/sub_nope/test",
+        Some(API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // Nothing was queued, retried or logged.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(agent.hits().len(), 2);
+    let (_, log) = get(&env, &format!("/api/v1/webhooks/{id}/deliveries")).await;
+    assert_eq!(
+        (&log["pending"], &log["deliveries"]),
+        (&json!(0), &json!([])),
+        "{log}"
+    );
 }

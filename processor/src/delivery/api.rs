@@ -15,9 +15,10 @@ use serde_json::{json, Map, Value};
 
 use super::guard::{self, UrlPolicy};
 use super::metrics::DeliveryMetrics;
-use super::queue::Queue;
+use super::queue::{Queue, QueuedEvent};
 use super::replay::{Replays, Window};
 use super::subscription::{self, rfc3339, Subscription, SubscriptionCache, SubscriptionStore};
+use super::worker::Deliverer;
 use crate::api::{error, prometheus, readiness, with_json_fallbacks};
 use crate::bearer::{unauthorized, BearerKeys};
 use crate::consume::Health;
@@ -32,6 +33,8 @@ pub struct ApiState {
     pub queue: Queue,
     /// Replays of subscriptions' history.
     pub replays: Replays,
+    /// Makes test attempts.
+    pub deliverer: Deliverer,
     /// Accepted bearer keys.
     pub api_keys: BearerKeys,
     /// Callback URL policy.
@@ -97,6 +100,7 @@ pub fn app(state: Arc<ApiState>) -> Router {
         )
         .route("/api/v1/webhooks/{id}/rotate-secret", post(rotate))
         .route("/api/v1/webhooks/{id}/recover", post(recover))
+        .route("/api/v1/webhooks/{id}/test", post(test))
         .route(
             "/api/v1/webhooks/{id}/replay",
             post(replay).get(replay_status),
@@ -465,6 +469,47 @@ async fn replay_status(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -
         Err(_) => redis_down(),
     }
 }
+
+/// Sends one signed test event (`hooklog.test`) to the subscription's
+/// endpoint now, as a delivery would be sent, and answers with what the
+/// receiver did; for checking a receiver's signature verification before
+/// real traffic, or an endpoint before enabling it again. Nothing is queued
+/// or retried.
+async fn test(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    let sub = match s.subs.get(&id).await {
+        Ok(Some(sub)) => sub,
+        Ok(None) => return not_found(),
+        Err(_) => return redis_down(),
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let event_id = format!("test_{}", subscription::new_id().trim_start_matches("sub_"));
+    let body = json!({
+        "type": TEST_EVENT_TYPE,
+        "event_type": TEST_EVENT_TYPE,
+        "subscription_id": id,
+        "sent_at": rfc3339(now_ms),
+    });
+    let event = QueuedEvent {
+        event_id: event_id.clone(),
+        event_type: TEST_EVENT_TYPE.to_owned(),
+        body: body.to_string().into_bytes(),
+        traceparent: String::new(),
+    };
+    let probe = s.deliverer.probe(&sub, &event).await;
+    tracing::info!(subscription = %id, delivered = probe.delivered, status = ?probe.status, error = ?probe.error, "Test event sent.");
+    Json(json!({
+        "id": id,
+        "event_id": event_id,
+        "delivered": probe.delivered,
+        "status_code": probe.status,
+        "error": probe.error,
+        "latency_ms": probe.latency.as_millis() as u64,
+    }))
+    .into_response()
+}
+
+/// The event type of test events.
+const TEST_EVENT_TYPE: &str = "hooklog.test";
 
 /// An optional RFC 3339 field as Unix ms.
 fn time_field(m: &Map<String, Value>, name: &str) -> Result<Option<i64>, BadRequest> {

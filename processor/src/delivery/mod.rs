@@ -81,10 +81,20 @@ pub async fn run(
         prefix: prefix.clone(),
         metrics: metrics.clone(),
     };
+    let deliverer = worker::Deliverer {
+        subs: subs.clone(),
+        cache: cache.clone(),
+        queue: queue.clone(),
+        client: worker::client(&settings).context("building the HTTP client")?,
+        publisher: publisher.clone(),
+        metrics: metrics.clone(),
+        settings: settings.clone(),
+    };
     let state = Arc::new(api::ApiState {
         subs: subs.clone(),
         cache: cache.clone(),
         queue: queue.clone(),
+        deliverer: deliverer.clone(),
         replays,
         api_keys: keys,
         policy: settings.policy,
@@ -97,15 +107,6 @@ pub async fn run(
         .with_graceful_shutdown(async move { stop.cancelled().await });
     let server = tokio::spawn(async move { server.await });
 
-    let deliverer = worker::Deliverer {
-        subs: subs.clone(),
-        cache: cache.clone(),
-        queue: queue.clone(),
-        client: worker::client(&settings).context("building the HTTP client")?,
-        publisher: publisher.clone(),
-        metrics: metrics.clone(),
-        settings,
-    };
     let dispatcher = {
         let (wake, stop) = (wake.clone(), shutdown.clone());
         tokio::spawn(async move { deliverer.dispatch(wake, stop).await })

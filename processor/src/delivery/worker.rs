@@ -101,7 +101,34 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// What a test attempt got (`POST /api/v1/webhooks/{id}/test`).
+#[derive(Debug)]
+pub struct Probe {
+    /// The receiver answered 2xx.
+    pub delivered: bool,
+    /// HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// Error class when it did not (timeout, connect, blocked_address…).
+    pub error: Option<&'static str>,
+    /// How long the attempt took.
+    pub latency: Duration,
+}
+
 impl Deliverer {
+    /// One signed POST of `event` to `sub`, exactly as a delivery would be
+    /// sent, but outside the queue: nothing is retried, logged,
+    /// dead-lettered or counted against the subscription's health.
+    pub async fn probe(&self, sub: &Subscription, event: &QueuedEvent) -> Probe {
+        let started = Instant::now();
+        let (verdict, status, error) = self.send(sub, event).await;
+        Probe {
+            delivered: matches!(verdict, Verdict::Delivered),
+            status,
+            error,
+            latency: started.elapsed(),
+        }
+    }
+
     /// Claims and runs due jobs until `shutdown`; `wake` cuts the idle wait.
     pub async fn dispatch(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
         let global = Arc::new(Semaphore::new(self.settings.max_in_flight));
