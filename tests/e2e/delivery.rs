@@ -1206,3 +1206,73 @@ async fn a_test_event_reports_the_receivers_answer_and_queues_nothing() {
         "{log}"
     );
 }
+
+/// A subscription can name the source whose events it wants: the same
+/// event type from another source is not delivered to it.
+#[tokio::test]
+async fn a_source_filter_keeps_other_sources_events_out() {
+    let env = TestEnv::new("dlv-source");
+    env.create_topics();
+    let _ingest = env.ingest();
+    let _deliverer = env.deliverer();
+    let fulfillment = Receiver::start(&[200], Duration::ZERO).await;
+    let accounts = Receiver::start(&[200], Duration::ZERO).await;
+    let create = |body: Value| {
+        let env = &env;
+        async move {
+            api(
+                env,
+                reqwest::Method::POST,
+                "/api/v1/webhooks",
+                Some(API_KEY),
+                Some(body.to_string()),
+            )
+            .await
+        }
+    };
+    let (status, answer) = create(
+        json!({"event_type": "order.shipped", "source": "nope", "callback_url": fulfillment.url}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["field"].as_str()),
+        (422, Some("source")),
+        "{answer}"
+    );
+    assert!(
+        answer["message"].as_str().unwrap().contains("fulfillment"),
+        "{answer}"
+    );
+    let (status, from_fulfillment) = create(json!({"event_type": "order.shipped", "source": "fulfillment", "callback_url": fulfillment.url})).await;
+    assert_eq!(status, 201, "{from_fulfillment}");
+    assert_eq!(from_fulfillment["source"], "fulfillment");
+    let (status, _) = create(
+        json!({"event_type": "order.shipped", "source": "accounts", "callback_url": accounts.url}),
+    )
+    .await;
+    assert_eq!(status, 201);
+
+    let shipped = ship(&env, &order(&unique("evt_"), "ORD-S1", "order.shipped")).await;
+    let hits = wait_hits(&fulfillment, 1, Duration::from_secs(30)).await;
+    assert_eq!(hits[0].header("webhook-id"), Some(shipped.as_str()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        accounts.hits().is_empty(),
+        "another source's subscriber got the event"
+    );
+
+    // Cleared with PATCH: any source again.
+    let path = format!(
+        "/api/v1/webhooks/{}",
+        from_fulfillment["id"].as_str().unwrap()
+    );
+    let (status, sub) = api(
+        &env,
+        reqwest::Method::PATCH,
+        &path,
+        Some(API_KEY),
+        Some(json!({"source": ""}).to_string()),
+    )
+    .await;
+    assert_eq!((status, &sub["source"]), (200, &Value::Null), "{sub}");
+}

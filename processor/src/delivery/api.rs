@@ -35,6 +35,8 @@ pub struct ApiState {
     pub replays: Replays,
     /// Makes test attempts.
     pub deliverer: Deliverer,
+    /// The configured sources' names (a subscription's `source` is one).
+    pub sources: Vec<String>,
     /// Accepted bearer keys.
     pub api_keys: BearerKeys,
     /// Callback URL policy.
@@ -152,6 +154,7 @@ fn string_field<'a>(m: &'a Map<String, Value>, name: &str) -> Result<Option<&'a 
 /// are `None`.
 struct Fields<'a> {
     event_type: Option<&'a str>,
+    source: Option<&'a str>,
     callback_url: Option<&'a str>,
     description: Option<&'a str>,
     enabled: Option<bool>,
@@ -166,6 +169,7 @@ impl<'a> Fields<'a> {
         }
         let fields = Fields {
             event_type: string_field(m, "event_type")?,
+            source: string_field(m, "source")?,
             callback_url: string_field(m, "callback_url")?,
             description: string_field(m, "description")?,
             enabled: match m.get("enabled") {
@@ -182,11 +186,18 @@ impl<'a> Fields<'a> {
         Ok(fields)
     }
 
-    /// Checks the values given: the event type pattern, the callback URL
-    /// against the SSRF policy (resolving its host), the description's length.
-    async fn check(&self, policy: UrlPolicy) -> Result<(), BadRequest> {
+    /// Checks the values given: the event type pattern, the source (one of
+    /// `sources`, or `""` for any), the callback URL against the SSRF
+    /// policy (resolving its host), the description's length.
+    async fn check(&self, policy: UrlPolicy, sources: &[String]) -> Result<(), BadRequest> {
         if let Some(Err(why)) = self.event_type.map(subscription::validate_pattern) {
             return Err(BadRequest::field("event_type", &why));
+        }
+        if let Some(source) = self.source.filter(|s| !s.is_empty()) {
+            if !sources.iter().any(|s| s == source) {
+                let why = format!("unknown source; configured: {}", sources.join(", "));
+                return Err(BadRequest::field("source", &why));
+            }
         }
         if let Some(url) = self.callback_url {
             if let Err(why) = guard::check_url_resolving(url, policy).await {
@@ -208,7 +219,7 @@ async fn create(State(s): State<Arc<ApiState>>, body: Bytes) -> Response {
         Ok(m) => m,
         Err(r) => return r.into_response(),
     };
-    let allowed = ["event_type", "callback_url", "description"];
+    let allowed = ["event_type", "source", "callback_url", "description"];
     let fields = match Fields::read(&m, &allowed) {
         Ok(f) => f,
         Err(r) => return r.into_response(),
@@ -219,13 +230,14 @@ async fn create(State(s): State<Arc<ApiState>>, body: Bytes) -> Response {
     let Some(callback_url) = fields.callback_url else {
         return invalid("callback_url", "callback_url is required");
     };
-    if let Err(r) = fields.check(s.policy).await {
+    if let Err(r) = fields.check(s.policy, &s.sources).await {
         return r.into_response();
     }
     let description = fields.description;
     let sub = Subscription {
         id: subscription::new_id(),
         event_type: event_type.to_owned(),
+        source: fields.source.filter(|s| !s.is_empty()).map(str::to_owned),
         callback_url: callback_url.to_owned(),
         description: description.map(str::to_owned),
         created_at_ms: chrono::Utc::now().timestamp_millis(),
@@ -294,17 +306,24 @@ async fn update(State(s): State<Arc<ApiState>>, Path(id): Path<String>, body: By
         Ok(m) => m,
         Err(r) => return r.into_response(),
     };
-    let allowed = ["event_type", "callback_url", "description", "enabled"];
+    let allowed = [
+        "event_type",
+        "source",
+        "callback_url",
+        "description",
+        "enabled",
+    ];
     let fields = match Fields::read(&m, &allowed) {
         Ok(f) => f,
         Err(r) => return r.into_response(),
     };
-    if let Err(r) = fields.check(s.policy).await {
+    if let Err(r) = fields.check(s.policy, &s.sources).await {
         return r.into_response();
     }
     let mut change = subscription::Change::default();
     for (name, value) in [
         ("event_type", fields.event_type),
+        ("source", fields.source),
         ("callback_url", fields.callback_url),
         ("description", fields.description),
     ] {

@@ -39,13 +39,14 @@ pub struct Fanout {
 pub type Traced = (WebhookEvent, Option<String>);
 
 /// The jobs a batch of events asks for: each event goes to every enabled
-/// subscription whose pattern matches and that existed when it arrived.
+/// subscription whose source and pattern match and that existed when it
+/// arrived.
 pub fn jobs<'a>(subs: &'a [Subscription], events: &'a [Traced]) -> Vec<NewJob<'a>> {
     let mut out = Vec::new();
     for (e, traceparent) in events {
         for s in subs {
             if s.disabled.is_none()
-                && s.matches(&e.event_type)
+                && s.matches(&e.source, &e.event_type)
                 && e.received_at_ms >= s.created_at_ms
             {
                 out.push(NewJob {
@@ -152,6 +153,7 @@ mod tests {
         Subscription {
             id: id.into(),
             event_type: pattern.into(),
+            source: None,
             callback_url: "https://example.com".into(),
             description: None,
             created_at_ms: created,
@@ -168,11 +170,17 @@ mod tests {
 
     #[test]
     fn matches_type_creation_time_and_enabled() {
+        let of_source = |id: &str, source: &str| Subscription {
+            source: Some(source.into()),
+            ..sub(id, "order.shipped", 100, false)
+        };
         let subs = [
             sub("a", "order.shipped", 100, false),
             sub("b", "order.*", 100, false),
             sub("c", "order.shipped", 300, false),
             sub("d", "order.shipped", 0, true),
+            of_source("e", "fulfillment"),
+            of_source("f", "stripe"),
         ];
         let events = [
             (event("e1", "order.shipped", 200), None),
@@ -186,7 +194,8 @@ mod tests {
             got,
             vec![
                 ("a", "fulfillment/e1".to_string()),
-                ("b", "fulfillment/e1".to_string())
+                ("b", "fulfillment/e1".to_string()),
+                ("e", "fulfillment/e1".to_string())
             ]
         );
     }

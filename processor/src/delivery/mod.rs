@@ -95,6 +95,7 @@ pub async fn run(
         cache: cache.clone(),
         queue: queue.clone(),
         deliverer: deliverer.clone(),
+        sources: config.sources.iter().map(|s| s.name.clone()).collect(),
         replays,
         api_keys: keys,
         policy: settings.policy,

@@ -23,6 +23,8 @@ pub struct Subscription {
     pub id: String,
     /// Exact event type, or `prefix.*`.
     pub event_type: String,
+    /// Only events of this source (a `[[source]]` name); any when `None`.
+    pub source: Option<String>,
     /// Where events are POSTed.
     pub callback_url: String,
     /// Free text.
@@ -40,9 +42,11 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// True when `event_type` is one this subscription wants.
-    pub fn matches(&self, event_type: &str) -> bool {
-        pattern_matches(&self.event_type, event_type)
+    /// True when an event of `source` and `event_type` is one this
+    /// subscription wants.
+    pub fn matches(&self, source: &str, event_type: &str) -> bool {
+        self.source.as_deref().is_none_or(|s| s == source)
+            && pattern_matches(&self.event_type, event_type)
     }
 
     /// Secrets that sign a delivery at `now_ms`: current first.
@@ -61,6 +65,7 @@ impl Subscription {
         let mut v = json!({
             "id": self.id,
             "event_type": self.event_type,
+            "source": self.source,
             "callback_url": self.callback_url,
             "description": self.description,
             "created_at": rfc3339(self.created_at_ms),
@@ -87,6 +92,7 @@ impl Subscription {
         Some(Self {
             id: h.get("id")?.clone(),
             event_type: h.get("event_type")?.clone(),
+            source: h.get("source").cloned().filter(|s| !s.is_empty()),
             callback_url: h.get("callback_url")?.clone(),
             description: h.get("description").cloned().filter(|d| !d.is_empty()),
             created_at_ms: int("created_at_ms")?,
@@ -242,6 +248,7 @@ impl SubscriptionStore {
         let fields = [
             ("id", s.id.clone()),
             ("event_type", s.event_type.clone()),
+            ("source", s.source.clone().unwrap_or_default()),
             ("callback_url", s.callback_url.clone()),
             ("description", s.description.clone().unwrap_or_default()),
             ("created_at_ms", s.created_at_ms.to_string()),
@@ -417,6 +424,7 @@ mod tests {
         let s = Subscription {
             id: new_id(),
             event_type: "order.shipped".into(),
+            source: None,
             callback_url: "https://example.com/hook".into(),
             description: None,
             created_at_ms: 0,
