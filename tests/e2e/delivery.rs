@@ -1124,6 +1124,17 @@ async fn replay_queues_what_a_subscription_never_got() {
     assert_eq!(replayed, 2.0);
     assert!(deliverer.log_text().contains("Replay finished."));
 
+    // The whole history: only the event from before the first window is new.
+    replay(json!({"since": "1970-01-01T00:00:00Z"})).await;
+    let status = replay_finished(&env, &path).await;
+    assert_eq!(
+        (&status["state"], &status["queued"]),
+        (&json!("done"), &json!(1)),
+        "{status}"
+    );
+    let hits = wait_hits(&agent, 4, Duration::from_secs(30)).await;
+    assert_eq!(hits[3].header("webhook-id"), Some(before_window.as_str()));
+
     // A replay left marked running by a replica that died (its lock gone).
     let _: () = redis::cmd("HSET")
         .arg(format!("{}dlv:replay:{id}", env.prefix))

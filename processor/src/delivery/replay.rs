@@ -304,7 +304,9 @@ fn starting_points(
                 by_time.add_partition_offset(
                     topic,
                     p.id(),
-                    Offset::Offset(window.since_ms - CLOCK_MARGIN_MS),
+                    // librdkafka reads negative values as logical
+                    // offsets (END, BEGINNING, tail): never pass one.
+                    Offset::Offset((window.since_ms - CLOCK_MARGIN_MS).max(0)),
                 )?;
             }
         }
