@@ -12,6 +12,7 @@
 //! - [`api`]: read API, health, metrics, rebuild endpoint;
 //! - [`bearer`]: the bearer keys of the admin and subscription APIs;
 //! - [`rebuild`]: replay into a new version, switch or verify;
+//! - [`lease`]: locks in Redis that live while renewed (one rebuild, one replay);
 //! - [`replicas`]: waiting for Redis replicas before offsets are committed;
 //! - [`spans`]: per-record OpenTelemetry spans of batched work;
 //! - [`topics`]: topic creation through the admin API;
@@ -26,6 +27,7 @@ pub mod changelog;
 pub mod config;
 pub mod consume;
 pub mod delivery;
+pub mod lease;
 pub mod metrics;
 pub mod projection;
 pub mod rebuild;

@@ -35,6 +35,7 @@ use tracing::{info, warn};
 
 use crate::batch::{plan, BatchLimit, Filling, Record};
 use crate::config::Config;
+use crate::lease::{delete_if, Lease};
 use crate::metrics::Metrics;
 use crate::projection::spec::{ProjectionSpec, Update};
 use crate::projection::store::{shard_of, Store, Target, NOT_BUILDING, SHARDS};
@@ -303,14 +304,8 @@ impl OnRequest {
 }
 
 /// `P{NAME}:rebuild_lock`: one rebuild, verify or prune of a projection at
-/// a time. It expires unless renewed, so a killed holder frees it within
-/// `LOCK_TTL_SECS` (10 s).
-pub struct Lock {
-    store: Store,
-    key: String,
-    token: String,
-    renewal: tokio::task::JoinHandle<()>,
-}
+/// a time, a [`Lease`] of `LOCK_TTL_SECS` (a killed holder frees it within).
+pub struct Lock(Lease);
 
 impl Lock {
     async fn acquire(store: &Store, projection: &str) -> anyhow::Result<Lock> {
@@ -326,52 +321,14 @@ impl Lock {
     /// The lock, or `None` while another process (or task) holds it.
     pub async fn try_acquire(store: &Store, projection: &str) -> anyhow::Result<Option<Lock>> {
         let key = format!("{}:rebuild_lock", store.base(projection));
-        let token = format!(
-            "{}-{}",
-            std::process::id(),
-            chrono::Utc::now().timestamp_millis()
-        );
-        let locked: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(&token)
-            .arg("NX")
-            .arg("EX")
-            .arg(LOCK_TTL_SECS)
-            .query_async(&mut store.connection())
-            .await?;
-        if locked.is_none() {
-            return Ok(None);
-        }
-        let renewal = tokio::spawn({
-            let mut conn = store.connection();
-            let key = key.clone();
-            async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(LOCK_TTL_SECS / 3)).await;
-                    let _: Result<(), _> = conn.expire(&key, LOCK_TTL_SECS as i64).await;
-                }
-            }
-        });
-        Ok(Some(Lock {
-            store: store.clone(),
-            key,
-            token,
-            renewal,
-        }))
+        let ttl = Duration::from_secs(LOCK_TTL_SECS);
+        Ok(Lease::try_acquire(store.connection(), key, ttl)
+            .await?
+            .map(Lock))
     }
 
-    /// Stops renewing and removes the lock if it is still this one's.
     async fn release(self) {
-        self.renewal.abort();
-        let _ = delete_if(&self.store, &self.key, &self.token).await;
-    }
-}
-
-/// A lock dropped without `Lock::release` (an early error) stops being
-/// renewed and expires on its own.
-impl Drop for Lock {
-    fn drop(&mut self) {
-        self.renewal.abort();
+        self.0.release().await;
     }
 }
 
@@ -498,20 +455,8 @@ async fn remove_orphans(store: &Store, projection: &str) -> anyhow::Result<Vec<u
 /// `version`, and Redis refuses any write into it. True when it still
 /// named `version`.
 async fn stop_building(store: &Store, projection: &str, version: u64) -> anyhow::Result<bool> {
-    Ok(delete_if(store, &store.building_key(projection), &version.to_string()).await?)
-}
-
-/// Deletes `key` if it holds `value`, in one atomic step; true if it did.
-async fn delete_if(store: &Store, key: &str, value: &str) -> Result<bool, redis::RedisError> {
-    let script = redis::Script::new(
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end return 0",
-    );
-    let deleted: i64 = script
-        .key(key)
-        .arg(value)
-        .invoke_async(&mut store.connection())
-        .await?;
-    Ok(deleted == 1)
+    let (key, version) = (store.building_key(projection), version.to_string());
+    Ok(delete_if(&mut store.connection(), &key, &version).await?)
 }
 
 /// Calls `each` with every batch of keys matching `pattern`, using SCAN

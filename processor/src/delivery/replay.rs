@@ -28,6 +28,7 @@ use super::queue::Queue;
 use super::subscription::{rfc3339, Subscription};
 use crate::batch::Record;
 use crate::config::Config;
+use crate::lease::Lease;
 
 /// Matching events per enqueue (one Redis pipeline).
 const CHUNK: usize = 500;
@@ -78,23 +79,13 @@ impl Replays {
     /// Starts replaying `window` to `sub` in the background; false while a
     /// replay of `sub` runs (on any replica).
     pub async fn start(&self, sub: Subscription, window: Window) -> anyhow::Result<bool> {
-        let mut conn = self.conn.clone();
-        let token = format!(
-            "{}-{}",
-            std::process::id(),
-            chrono::Utc::now().timestamp_millis()
-        );
-        let locked: Option<String> = redis::cmd("SET")
-            .arg(self.lock_key(&sub.id))
-            .arg(&token)
-            .arg("NX")
-            .arg("EX")
-            .arg(LOCK_TTL_SECS)
-            .query_async(&mut conn)
-            .await?;
-        if locked.is_none() {
+        let ttl = Duration::from_secs(LOCK_TTL_SECS);
+        let Some(lease) =
+            Lease::try_acquire(self.conn.clone(), self.lock_key(&sub.id), ttl).await?
+        else {
             return Ok(false);
-        }
+        };
+        let mut conn = self.conn.clone();
         let status = self.status_key(&sub.id);
         let _: () = redis::pipe()
             .atomic()
@@ -119,17 +110,7 @@ impl Replays {
         info!(subscription = %sub.id, since = %rfc3339(window.since_ms), until = %rfc3339(window.until_ms), "Replay started.");
         let this = self.clone();
         tokio::spawn(async move {
-            let renewal = tokio::spawn({
-                let (mut conn, key) = (this.conn.clone(), this.lock_key(&sub.id));
-                async move {
-                    loop {
-                        tokio::time::sleep(Duration::from_secs(LOCK_TTL_SECS / 3)).await;
-                        let _: Result<(), _> = conn.expire(&key, LOCK_TTL_SECS as i64).await;
-                    }
-                }
-            });
             let outcome = this.run(&sub, window).await;
-            renewal.abort();
             let mut fields = vec![("finished_at", rfc3339(now_ms()))];
             match &outcome {
                 Ok(()) => {
@@ -144,11 +125,7 @@ impl Replays {
             }
             let mut conn = this.conn.clone();
             let _: Result<(), _> = conn.hset_multiple(this.status_key(&sub.id), &fields).await;
-            let _: Result<i64, _> = redis::Script::new(DELETE_IF)
-                .key(this.lock_key(&sub.id))
-                .arg(&token)
-                .invoke_async(&mut conn)
-                .await;
+            lease.release().await;
         });
         Ok(true)
     }
@@ -274,12 +251,6 @@ impl Replays {
             .await;
     }
 }
-
-/// Deletes a key only if it still holds this replay's token.
-const DELETE_IF: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-";
 
 /// Partitions to read (to their high watermark now) and where each starts:
 /// the first record stamped at `since` less the clock margin.
