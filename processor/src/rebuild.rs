@@ -596,6 +596,18 @@ async fn differences(
         .collect())
 }
 
+/// The next record of a replay read up to fixed targets: an error once none
+/// came for 30 s while `behind` partitions have not reached theirs.
+pub(crate) async fn next_replayed(
+    consumer: &StreamConsumer,
+    behind: usize,
+) -> anyhow::Result<rdkafka::message::BorrowedMessage<'_>> {
+    tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("no records for 30 s while {behind} partitions are behind"))?
+        .map_err(Into::into)
+}
+
 /// Watermarks, retried: a busy broker may time out once or twice.
 pub(crate) fn watermarks(
     consumer: &StreamConsumer,
@@ -674,14 +686,7 @@ async fn replay(
     let mut in_flight = InFlight::default();
     let write_turns: WriteTurns = Arc::new(std::array::from_fn(|_| Default::default()));
     while !targets.is_empty() {
-        let first = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "no records for 30 s while {} partitions are behind",
-                    targets.len()
-                )
-            })??;
+        let first = next_replayed(&consumer, targets.len()).await?;
         // Headers only feed the replay's trace links.
         let with_headers = hooklog_schemas::telemetry::enabled();
         let mut batch = Filling::new(limit, Record::copy_of(&first, with_headers));

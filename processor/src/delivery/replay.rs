@@ -195,14 +195,7 @@ impl Replays {
         let (mut scanned, mut queued) = (0u64, 0u64);
         let mut events: Vec<Traced> = Vec::new();
         while !targets.is_empty() {
-            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!(
-                        "no records for 30 s while {} partitions are behind",
-                        targets.len()
-                    )
-                })??;
+            let m = crate::rebuild::next_replayed(&consumer, targets.len()).await?;
             let r = Record::copy_of(&m, true);
             let key = (r.topic.clone(), r.partition);
             if targets.get(&key).is_some_and(|high| r.offset + 1 >= *high) {
