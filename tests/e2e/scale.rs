@@ -168,15 +168,34 @@ async fn three_by_three_replicas_apply_every_acknowledged_event_once() {
         );
     }
 
-    // The changelog's last record per key is the final state.
-    let mut last: HashMap<String, Value> = HashMap::new();
-    for r in kafka::read_all(&env.brokers, "hooklog.state.customers") {
-        if expected.contains_key(&r.key_str()) {
-            last.insert(
-                r.key_str(),
-                serde_json::from_slice(r.value.as_deref().unwrap()).unwrap(),
-            );
+    // The changelog's last record per key is the final state. A state is
+    // readable a moment before its changelog record is acknowledged, so
+    // the last records may still be on their way when the reads above end.
+    let is_final = |last: &HashMap<String, Value>| {
+        expected.iter().all(|(customer, (sum, count))| {
+            last.get(customer).is_some_and(|v| {
+                v["state"]["total_charged"].as_i64() == Some(*sum)
+                    && v["state"]["charges"].as_i64() == Some(*count)
+            })
+        })
+    };
+    let read_last = || {
+        let mut last: HashMap<String, Value> = HashMap::new();
+        for r in kafka::read_all(&env.brokers, "hooklog.state.customers") {
+            if expected.contains_key(&r.key_str()) {
+                last.insert(
+                    r.key_str(),
+                    serde_json::from_slice(r.value.as_deref().unwrap()).unwrap(),
+                );
+            }
         }
+        last
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = read_last();
+    while !is_final(&last) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        last = read_last();
     }
     for (customer, (sum, count)) in &expected {
         let v = &last[customer];
